@@ -1,0 +1,18 @@
+"""DeepLabv3+ ResNet-101 beta on PASCAL VOC 2012: regular ASPP and decoder convs, multi-grid (1, 2, 4), OS16.
+
+  python -m deeplab_jax.main --config=configs/voc_resnet101.py --workdir=/tmp/voc_resnet101
+
+Meant for accelerators (batch 16 at a 513 crop). The paper's 78.85% VOC val (decoder, OS16) is this model.
+"""
+from deeplab_jax import config as config_lib
+
+
+def get_config():
+  config = config_lib.default_config()
+  config.model.backbone = "resnet_101_beta"
+  config.model.multi_grid = (1, 2, 4)
+  config.model.aspp_separable = False
+  config.model.decoder_separable = False
+  config.dataset.name = "voc2012_segmentation"
+  config.dataset.num_classes = 21
+  return config

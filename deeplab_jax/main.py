@@ -1,0 +1,37 @@
+"""Train and evaluate DeepLab.
+
+  python -m deeplab_jax.main --config=configs/shapes.py --workdir=/tmp/deeplab_shapes
+
+Only flags live here; the work is in `train.train_and_evaluate(config, workdir)`.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+import jax
+from ml_collections import config_flags
+
+from deeplab_jax import config as config_lib
+from deeplab_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and summaries (local or gs://).")
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.info("JAX process %d / %d, local devices: %s", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except config_lib.ConfigError as e:
+    print(f"deeplab_jax: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

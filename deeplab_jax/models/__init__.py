@@ -1,0 +1,34 @@
+"""DeepLab models: `create_model(config)` builds one from the `config.model` schema."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from deeplab_jax import config as config_lib
+from deeplab_jax.models.deeplab import BACKBONES, DeepLab, upsample_logits
+
+assert set(BACKBONES) == set(config_lib.BACKBONE_NAMES), "backbone registry and config disagree"
+
+
+def create_model(config, output_stride: int | None = None) -> DeepLab:
+  """The DeepLab of `config`, optionally at another output stride (same parameters, rescaled rates)."""
+  config_lib.validate(config)
+  m = config.model
+  output_stride = output_stride or m.output_stride
+  if output_stride not in config_lib.OUTPUT_STRIDES:
+    raise config_lib.ConfigError(f"output stride {output_stride} is not supported; use 8, 16 or 32")
+  return DeepLab(
+      num_classes=int(config.dataset.num_classes),
+      backbone=m.backbone,
+      output_stride=int(output_stride),
+      multi_grid=tuple(int(r) for r in m.multi_grid),
+      atrous_rates=config_lib.atrous_rates(m, output_stride),
+      use_decoder=bool(m.use_decoder),
+      aspp_separable=bool(m.aspp_separable),
+      decoder_separable=bool(m.decoder_separable),
+      depth_multiplier=float(m.depth_multiplier),
+      freeze_bn=bool(m.freeze_bn),
+      dtype=jnp.dtype(m.dtype),
+  )
+
+
+__all__ = ["BACKBONES", "DeepLab", "create_model", "upsample_logits"]

@@ -1,0 +1,188 @@
+"""Building blocks shared by every backbone and head (SPEC section 1).
+
+Convolutions are plain functions over explicit kernels so that a faster depthwise formulation can be
+swapped in later without touching parameter names; the modules only own parameters and BatchNorm.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Dtype = Any
+Activation = Optional[Callable[[Array], Array]]
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormConfig:
+  """Per-network BatchNorm settings; flax `momentum` is TF's `decay`."""
+  momentum: float
+  epsilon: float
+
+
+def explicit_padding(kernel_size: int, rate: int = 1) -> tuple[int, int]:
+  """The official `fixed_padding` rule: pad for the dilated kernel, extra pixel at the end.
+
+  At stride 1 this is exactly TF's SAME, so it is used for every conv: one rule, no even/odd surprises.
+  """
+  effective = kernel_size + (kernel_size - 1) * (rate - 1)
+  total = effective - 1
+  begin = total // 2
+  return begin, total - begin
+
+
+def conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1, groups: int = 1) -> Array:
+  """Atrous conv: explicit padding then VALID, dilation as `rhs_dilation`."""
+  kh, kw = kernel.shape[:2]
+  rates = (rate, rate) if kh > 1 or kw > 1 else (1, 1)
+  padding = (explicit_padding(kh, rates[0]), explicit_padding(kw, rates[1]))
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=padding, rhs_dilation=rates,
+      dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=groups)
+
+
+def depthwise_conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1) -> Array:
+  """Reference depthwise conv: one (kh, kw, 1, C) filter per channel via `feature_group_count`."""
+  if kernel.shape[2] != 1 or kernel.shape[3] != x.shape[-1]:
+    raise ValueError(f"depthwise kernel {kernel.shape} does not fit input channels {x.shape[-1]}")
+  return conv2d(x, kernel, stride, rate, groups=x.shape[-1])
+
+
+def _source_coordinates(in_size: int, out_size: int):
+  """align_corners=True geometry: corners map to corners, scale (in - 1) / (out - 1)."""
+  scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+  src = jnp.arange(out_size, dtype=jnp.float32) * scale
+  lo = jnp.clip(jnp.floor(src).astype(jnp.int32), 0, in_size - 1)
+  hi = jnp.minimum(lo + 1, in_size - 1)
+  frac = src - lo.astype(jnp.float32)
+  return lo, hi, frac
+
+
+def _resize_axis(x: Array, axis: int, out_size: int) -> Array:
+  in_size = x.shape[axis]
+  if in_size == out_size:
+    return x
+  lo, hi, frac = _source_coordinates(in_size, out_size)
+  shape = [1] * x.ndim
+  shape[axis] = out_size
+  frac = frac.reshape(shape).astype(x.dtype)
+  a = jnp.take(x, lo, axis=axis)
+  b = jnp.take(x, hi, axis=axis)
+  return a + (b - a) * frac
+
+
+def resize_bilinear(x: Array, size: Sequence[int]) -> Array:
+  """Bilinear resize of NHWC `x` to `size` with TF's align_corners=True (jax.image.resize lacks it)."""
+  x = _resize_axis(x, 1, int(size[0]))
+  return _resize_axis(x, 2, int(size[1]))
+
+
+def scale_dimension(dim: int, scale: float) -> int:
+  """The official target-size rule, exact for 16k+1 sizes."""
+  return int((dim - 1) * scale + 1)
+
+
+def relu6(x: Array) -> Array:
+  return jnp.clip(x, 0, 6)
+
+
+class ConvBN(nn.Module):
+  """Conv (regular or depthwise) + optional BatchNorm + optional activation.
+
+  Parameter names mirror TF-slim's (`kernel` ~ weights, `bn/scale` ~ BatchNorm/gamma) for weight import.
+  No bias before a BatchNorm: the only bias in DeepLab is the logits layer's.
+  """
+  features: Optional[int] = None  # None for depthwise: as many outputs as inputs.
+  kernel_size: int = 1
+  stride: int = 1
+  rate: int = 1
+  depthwise: bool = False
+  use_bn: bool = True
+  use_bias: bool = False
+  activation: Activation = None
+  bn: BatchNormConfig = BatchNormConfig(0.9997, 1e-5)
+  kernel_init: Callable = nn.initializers.truncated_normal(0.09)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    k, cin = self.kernel_size, x.shape[-1]
+    if self.depthwise:
+      shape = (k, k, 1, cin)
+    else:
+      if self.features is None:
+        raise ValueError(f"{self.name}: a regular conv needs `features`")
+      shape = (k, k, cin, self.features)
+    kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    if self.depthwise:
+      y = depthwise_conv2d(x, kernel, self.stride, self.rate)
+    else:
+      y = conv2d(x, kernel, self.stride, self.rate)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (shape[-1] if not self.depthwise else cin,),
+                         jnp.float32).astype(self.dtype)
+    if self.use_bn:
+      y = nn.BatchNorm(use_running_average=not train, momentum=self.bn.momentum,
+                       epsilon=self.bn.epsilon, dtype=self.dtype, param_dtype=jnp.float32,
+                       name="bn")(y)
+    if self.activation is not None:
+      y = self.activation(y)
+    return y
+
+
+class SeparableConv(nn.Module):
+  """Atrous depthwise separable conv, in either of SPEC section 2's activation orders.
+
+  activation_inside=False (Xception entry/middle/exit-1): ReLU(x), depthwise, BN, pointwise, BN.
+  activation_inside=True (Xception exit-2, ASPP, decoder): depthwise, BN, ReLU, pointwise, BN, ReLU.
+  """
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  rate: int = 1
+  activation_inside: bool = False
+  bn: BatchNormConfig = BatchNormConfig(0.9997, 1e-5)
+  depthwise_init: Callable = nn.initializers.truncated_normal(0.09)
+  pointwise_init: Callable = nn.initializers.truncated_normal(0.09)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    activation = nn.relu if self.activation_inside else None
+    if not self.activation_inside:
+      x = nn.relu(x)
+    x = ConvBN(kernel_size=self.kernel_size, stride=self.stride, rate=self.rate, depthwise=True,
+               activation=activation, bn=self.bn, kernel_init=self.depthwise_init, dtype=self.dtype,
+               name="depthwise")(x, train)
+    return ConvBN(self.features, 1, activation=activation, bn=self.bn,
+                  kernel_init=self.pointwise_init, dtype=self.dtype, name="pointwise")(x, train)
+
+
+def atrous_schedule(strides: Sequence[int], output_stride: Optional[int],
+                    current_stride: int = 1) -> list[tuple[int, int]]:
+  """(stride, rate) per unit: the official `stack_blocks_dense` rule.
+
+  Once the running stride reaches `output_stride`, later units run at stride 1 and the atrous rate
+  grows by the stride they would have had. Only strides and rates change, never parameters.
+  """
+  rate, plan = 1, []
+  for stride in strides:
+    if output_stride is not None and current_stride == output_stride:
+      plan.append((1, rate))
+      rate *= stride
+    else:
+      plan.append((stride, 1))
+      current_stride *= stride
+  if output_stride is not None and current_stride != output_stride:
+    raise ValueError(f"output_stride={output_stride} cannot be reached: the network's total stride "
+                     f"is {current_stride}")
+  return plan
