@@ -139,6 +139,14 @@ class ConvBN(nn.Module):
     return y
 
 
+class Backbone(nn.Module):
+  """What every backbone takes; each returns (features at the output stride, low-level at stride 4)."""
+  output_stride: int = 16
+  multi_grid: Sequence[int] = (1, 1, 1)  # Rate multipliers of the last block's three units/convs.
+  depth_multiplier: float = 1.0
+  dtype: Dtype = jnp.float32
+
+
 class SeparableConv(nn.Module):
   """Atrous depthwise separable conv, in either of SPEC section 2's activation orders.
 

@@ -1,7 +1,6 @@
 """MobileNetV2 (SPEC section 4) as DeepLab uses it: through layer_18, 320 x depth_multiplier channels."""
 from __future__ import annotations
 
-from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -52,16 +51,11 @@ class InvertedResidual(nn.Module):
     return y, depthwise_output
 
 
-class MobileNetV2(nn.Module):
-  """Returns (features at the output stride, low-level feature at stride 4).
-
-  The low-level feature is the official decoder end point 'layer_4/depthwise_output' (after BN and ReLU6:
-  the official code's choice, unlike Xception and ResNet whose end points precede the activation).
+class MobileNetV2(layers.Backbone):
+  """The low-level feature is the official decoder end point 'layer_4/depthwise_output' (after BN and ReLU6:
+  the official code's choice, unlike Xception and ResNet whose end points precede the activation);
+  multi_grid is unused: the official MobileNetV2 has no multi-grid.
   """
-  output_stride: int = 16
-  multi_grid: Sequence[int] = (1, 1, 1)  # Unused: no official multi-grid for MobileNetV2.
-  depth_multiplier: float = 1.0
-  dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):

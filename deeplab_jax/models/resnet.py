@@ -68,13 +68,8 @@ class Bottleneck(nn.Module):
     return nn.relu(r + shortcut), r
 
 
-class ResNet(nn.Module):
-  """Returns (features at the output stride, low-level feature at stride 4)."""
+class ResNet(layers.Backbone):
   variant: str = "resnet_101_beta"
-  output_stride: int = 16
-  multi_grid: Sequence[int] = (1, 1, 1)
-  depth_multiplier: float = 1.0
-  dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):

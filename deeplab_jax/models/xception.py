@@ -107,13 +107,8 @@ class XceptionBlock(nn.Module):
     return x, low_levels[0]
 
 
-class Xception(nn.Module):
-  """Returns (features at the output stride, low-level feature at stride 4)."""
+class Xception(layers.Backbone):
   variant: str = "xception_65"
-  output_stride: int = 16
-  multi_grid: Sequence[int] = (1, 1, 1)
-  depth_multiplier: float = 1.0
-  dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
