@@ -1,0 +1,1 @@
+"""Data sets: builders for real benchmarks and the synthetic default."""
