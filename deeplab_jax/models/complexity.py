@@ -9,6 +9,7 @@ import math
 from collections import defaultdict
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from deeplab_jax.models import create_model

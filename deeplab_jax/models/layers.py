@@ -128,8 +128,7 @@ class ConvBN(nn.Module):
     else:
       y = conv2d(x, kernel, self.stride, self.rate)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (shape[-1] if not self.depthwise else cin,),
-                         jnp.float32).astype(self.dtype)
+      y = y + self.param("bias", nn.initializers.zeros, (shape[-1],), jnp.float32).astype(self.dtype)
     if self.use_bn:
       y = nn.BatchNorm(use_running_average=not train, momentum=self.bn.momentum,
                        epsilon=self.bn.epsilon, dtype=self.dtype, param_dtype=jnp.float32,
