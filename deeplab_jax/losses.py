@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from deeplab_jax import metrics
 from deeplab_jax.models import upsample_logits
 
 
@@ -25,7 +26,7 @@ def pixel_losses(logits, labels, *, ignore_label: int = 255,
   labels = labels.astype(jnp.int32)
   num_classes = logits.shape[-1]
   logits = upsample_logits(logits, labels.shape[1:3])
-  valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
+  valid = metrics.valid_pixels(labels, num_classes, ignore_label)
   safe_labels = jnp.where(valid, labels, 0)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]

@@ -9,13 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def valid_pixels(labels, num_classes: int, ignore_label: int = 255):
+  """Pixels that count: a real class, not `ignore_label` (the loss and the metrics share this rule)."""
+  return (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
+
+
 def confusion_matrix(labels, predictions, num_classes: int, mask=None, ignore_label: int = 255):
   """(num_classes, num_classes) int32 counts for one batch; jit-friendly (a bincount)."""
   if labels.ndim == predictions.ndim + 1:
     labels = labels[..., 0]
   labels = labels.astype(jnp.int32)
   predictions = predictions.astype(jnp.int32)
-  valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
+  valid = valid_pixels(labels, num_classes, ignore_label)
   if mask is not None:
     valid = valid & jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (labels.ndim - mask.ndim)),
                                      labels.shape).astype(bool)

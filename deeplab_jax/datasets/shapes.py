@@ -13,9 +13,9 @@ CLASS_NAMES = ("background", "circle", "rectangle", "triangle", "ring", "cross")
 NUM_CLASSES = len(CLASS_NAMES)
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-  """A random base color, low-frequency color waves, a coarse noise field and pixel noise."""
-  y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+def _background(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """A random base color, low-frequency color waves and a smooth coarse noise field."""
+  h, w = y.shape
   image = np.broadcast_to(rng.uniform(40, 215, 3).astype(np.float32), (h, w, 3)).copy()
   for _ in range(rng.integers(1, 4)):
     angle, freq = rng.uniform(0, np.pi), rng.uniform(0.02, 0.25)
@@ -28,8 +28,8 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
   return image
 
 
-def _shape_mask(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
-  y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+def _shape_mask(rng: np.random.Generator, cls: int, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+  h, w = y.shape
   size = rng.uniform(0.08, 0.3) * min(h, w)
   cy, cx = rng.uniform(0, h), rng.uniform(0, w)
   theta = rng.uniform(0, 2 * np.pi)
@@ -58,12 +58,12 @@ def _shape_mask(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarra
 
 def generate_example(rng: np.random.Generator, height: int, width: int):
   """One (image uint8 HxWx3, label uint8 HxW) pair."""
-  image = _background(rng, height, width)
-  label = np.zeros((height, width), np.uint8)
   y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+  image = _background(rng, y, x)
+  label = np.zeros((height, width), np.uint8)
   for _ in range(rng.integers(2, 7)):
     cls = int(rng.integers(1, NUM_CLASSES))
-    mask = _shape_mask(rng, cls, height, width)
+    mask = _shape_mask(rng, cls, y, x)
     color = rng.uniform(0, 255, 3).astype(np.float32)
     # A gentle gradient across the shape so that it is not one flat color either.
     gradient = (np.cos(rng.uniform(0, 2 * np.pi)) * x + np.sin(rng.uniform(0, 2 * np.pi)) * y)

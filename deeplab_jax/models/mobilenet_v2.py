@@ -1,7 +1,6 @@
 """MobileNetV2 (SPEC section 4) as DeepLab uses it: through layer_18, 320 x depth_multiplier channels."""
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -52,9 +51,10 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(layers.Backbone):
-  """The low-level feature is the official decoder end point 'layer_4/depthwise_output' (after BN and ReLU6:
-  the official code's choice, unlike Xception and ResNet whose end points precede the activation);
-  multi_grid is unused: the official MobileNetV2 has no multi-grid.
+  """MobileNetV2 features and the official decoder end point 'layer_4/depthwise_output'.
+
+  That low-level feature follows BN and ReLU6 (the official code's choice, unlike Xception and ResNet,
+  whose end points precede the activation). multi_grid is unused: the official MobileNetV2 has none.
   """
 
   @nn.compact
