@@ -2,7 +2,9 @@
 
   python -m deeplab_jax.main --config=configs/shapes.py --workdir=/tmp/deeplab_shapes
 
-Meant for a 2-core CPU: no download, the data set is generated locally. Same code path as VOC.
+Meant for a 2-core CPU (about 8 minutes there). No download: the data set (2,000 train and 200 val
+images of five shape classes on textured backgrounds) is generated and stored with TFDS on first use.
+Same input pipeline, augmentation, loss and evaluation as VOC; only the sizes are small.
 """
 from deeplab_jax import config as config_lib
 
@@ -11,6 +13,19 @@ def get_config():
   config = config_lib.default_config()
   config.model.backbone = "mobilenet_v2"
   config.model.depth_multiplier = 0.5
-  config.dataset.name = "shapes"
+  config.dataset.name = "synthetic_shapes"
+  config.dataset.train_split = "train"
+  config.dataset.eval_split = "val"
   config.dataset.num_classes = 6  # background + 5 shape classes
+  config.input.crop_size = (97, 97)
+  config.input.cache = True
+  # Trained from scratch, not fine-tuned from ImageNet: a larger rate than the paper's 0.007.
+  config.optim.base_lr = 0.05
+  config.train.steps = 1200
+  config.train.batch_size = 8
+  config.train.log_every_steps = 50
+  config.eval.crop_size = (161, 161)  # the largest images are 160 px
+  config.eval.batch_size = 8
+  config.eval.every_steps = 400
+  config.checkpoint.every_steps = 200
   return config

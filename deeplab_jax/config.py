@@ -8,19 +8,20 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from deeplab_jax.errors import ConfigError
+
 BACKBONE_NAMES = ("xception_41", "xception_65", "xception_71", "resnet_50_beta", "resnet_101_beta",
                   "resnet_50", "resnet_101", "mobilenet_v2")
 OUTPUT_STRIDES = (8, 16, 32)
 DTYPES = ("float32", "bfloat16")
+DEPTHWISE_IMPLS = ("auto", "grouped", "shift")
+PARAM_SHARDINGS = ("replicated", "fsdp")
 # ASPP rates at output stride 16 (SPEC section 5); other strides scale them by 16 / OS.
 ATROUS_RATES_AT_OS16 = (6, 12, 18)
 
 
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the field and the fix."""
-
-
 def default_config() -> ml_collections.ConfigDict:
+  """The SPEC section 8 recipe (VOC, Xception-65, OS16); configs override a few fields."""
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -35,13 +36,64 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.aspp_separable = True
   config.model.decoder_separable = True
   config.model.depth_multiplier = 1.0
-  config.model.dtype = "float32"
-  config.model.freeze_bn = False
+  config.model.dtype = "float32"  # "bfloat16": bfloat16 compute, float32 parameters, loss and logits
+  config.model.freeze_bn = False  # True: BN uses moving statistics (small global batches)
+  config.model.depthwise_impl = "auto"  # "grouped" (reference), "shift", or "auto" per backend
+  # BatchNorm moving-average decay for every layer; None keeps each network's own (0.9997 Xception,
+  # MobileNetV2 and heads; 0.95 ResNet), which suits long fine-tuning runs.
+  config.model.bn_momentum = config_dict.placeholder(float)
 
   config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = "voc2012_segmentation"
+  config.dataset.name = "voc2012_segmentation"  # a TFDS name; see deeplab_jax.datasets
+  config.dataset.data_dir = config_dict.placeholder(str)  # TFDS data dir (local or gs://); None: default
+  config.dataset.train_split = "train_aug"
+  config.dataset.eval_split = "val"
   config.dataset.num_classes = 21
   config.dataset.ignore_label = 255
+
+  config.input = ml_collections.ConfigDict()
+  config.input.crop_size = (513, 513)
+  config.input.min_scale = 0.5
+  config.input.max_scale = 2.0
+  config.input.scale_step = 0.25
+  config.input.flip = True
+  config.input.shuffle_buffer = 4096  # encoded examples per process
+  config.input.cache = False  # keep encoded examples in memory (small data sets)
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 30_000
+  config.train.batch_size = 16  # global, over all processes and devices
+  config.train.log_every_steps = 100
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.base_lr = 0.007
+  config.optim.lr_power = 0.9
+  config.optim.momentum = 0.9
+  config.optim.weight_decay = 4e-5  # L2 wd * |w|^2 / 2 on conv kernels; 1e-4 for ResNet
+  config.optim.warmup_steps = 0
+  config.optim.grad_clip_norm = 0.0  # 0: no clipping
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.class_weights = config_dict.placeholder(tuple)  # None: all 1
+  config.loss.top_k_percent = 100.0  # hard-pixel mining keeps the top k% pixel losses
+  config.loss.hard_mining_steps = 0  # ramp from 100% to top_k_percent over this many steps
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.every_steps = 5000
+  config.eval.batch_size = 8  # global
+  config.eval.crop_size = (513, 513)  # whole images are padded to this size
+  config.eval.output_stride = config_dict.placeholder(int)  # None: the training output stride
+  config.eval.num_summary_images = 4
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 1000
+  config.checkpoint.keep = 3
+  config.checkpoint.async_save = True
+
+  config.mesh = ml_collections.ConfigDict()
+  # All devices form one `data` axis. "fsdp" also shards large parameters and optimizer state over it.
+  config.mesh.param_sharding = "replicated"
+  config.mesh.fsdp_min_size = 2**18  # parameters smaller than this stay replicated under "fsdp"
   return config
 
 
@@ -63,8 +115,15 @@ def atrous_rates(model_config, output_stride: int | None = None) -> tuple[int, .
   return tuple(rates)
 
 
+def _pair(value, field: str) -> tuple[int, int]:
+  value = tuple(value)
+  if len(value) != 2 or any(int(v) < 1 for v in value):
+    raise ConfigError(f"{field}={value} must be (height, width) with positive sizes, e.g. (513, 513)")
+  return int(value[0]), int(value[1])
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raise ConfigError on the first model/dataset value that cannot work."""
+  """Raise ConfigError on the first value that cannot work."""
   m = config.model
   if m.backbone not in BACKBONE_NAMES:
     raise ConfigError(f"config.model.backbone={m.backbone!r} is not a backbone; choose one of "
@@ -80,5 +139,55 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.model.dtype={m.dtype!r} is not supported; use 'float32' or 'bfloat16'")
   if not m.depth_multiplier > 0:
     raise ConfigError(f"config.model.depth_multiplier={m.depth_multiplier} must be > 0 (1.0 = paper)")
+  if m.get("depthwise_impl", "auto") not in DEPTHWISE_IMPLS:
+    raise ConfigError(f"config.model.depthwise_impl={m.depthwise_impl!r}: choose one of "
+                      f"{', '.join(DEPTHWISE_IMPLS)}")
+  if m.get("bn_momentum") is not None and not 0 <= m.bn_momentum < 1:
+    raise ConfigError(f"config.model.bn_momentum={m.bn_momentum} must be in [0, 1) or None")
   if int(config.dataset.num_classes) < 1:
     raise ConfigError(f"config.dataset.num_classes={config.dataset.num_classes} must be >= 1")
+
+
+def validate_training(config: ml_collections.ConfigDict) -> None:
+  """`validate` plus the input, optimizer, loss, eval, checkpoint and mesh fields."""
+  validate(config)
+  n_classes = int(config.dataset.num_classes)
+  if not 0 <= int(config.dataset.ignore_label) <= 255 or int(config.dataset.ignore_label) < n_classes:
+    raise ConfigError(f"config.dataset.ignore_label={config.dataset.ignore_label} must be in "
+                      f"[num_classes, 255] (labels are uint8); DeepLab uses 255")
+  _pair(config.input.crop_size, "config.input.crop_size")
+  _pair(config.eval.crop_size, "config.eval.crop_size")
+  i = config.input
+  if not 0 < i.min_scale <= i.max_scale or i.scale_step <= 0:
+    raise ConfigError(f"config.input scales min={i.min_scale}, max={i.max_scale}, step={i.scale_step} "
+                      f"need 0 < min_scale <= max_scale and scale_step > 0 (paper: 0.5, 2.0, 0.25)")
+  t, o = config.train, config.optim
+  for field, value in (("config.train.steps", t.steps), ("config.train.batch_size", t.batch_size),
+                       ("config.eval.batch_size", config.eval.batch_size),
+                       ("config.train.log_every_steps", t.log_every_steps),
+                       ("config.eval.every_steps", config.eval.every_steps),
+                       ("config.checkpoint.every_steps", config.checkpoint.every_steps),
+                       ("config.checkpoint.keep", config.checkpoint.keep),
+                       ("config.input.shuffle_buffer", i.shuffle_buffer)):
+    if int(value) < 1:
+      raise ConfigError(f"{field}={value} must be a positive integer")
+  if not o.base_lr > 0:
+    raise ConfigError(f"config.optim.base_lr={o.base_lr} must be > 0 (paper: 0.007)")
+  if not 0 <= o.warmup_steps < t.steps:
+    raise ConfigError(f"config.optim.warmup_steps={o.warmup_steps} must be in [0, config.train.steps="
+                      f"{t.steps})")
+  if o.weight_decay < 0 or o.grad_clip_norm < 0 or not 0 <= o.momentum < 1:
+    raise ConfigError(f"config.optim needs weight_decay >= 0, grad_clip_norm >= 0 (0 = off) and "
+                      f"0 <= momentum < 1; got {o.weight_decay}, {o.grad_clip_norm}, {o.momentum}")
+  loss = config.loss
+  if not 0 < loss.top_k_percent <= 100:
+    raise ConfigError(f"config.loss.top_k_percent={loss.top_k_percent} must be in (0, 100]")
+  if loss.class_weights is not None and len(tuple(loss.class_weights)) != n_classes:
+    raise ConfigError(f"config.loss.class_weights has {len(tuple(loss.class_weights))} entries but "
+                      f"config.dataset.num_classes={n_classes}; give one weight per class")
+  eval_os = config.eval.output_stride
+  if eval_os is not None and eval_os not in OUTPUT_STRIDES:
+    raise ConfigError(f"config.eval.output_stride={eval_os} is not supported; use 8, 16, 32 or None")
+  if config.mesh.param_sharding not in PARAM_SHARDINGS:
+    raise ConfigError(f"config.mesh.param_sharding={config.mesh.param_sharding!r}: choose one of "
+                      f"{', '.join(PARAM_SHARDINGS)}")

@@ -1,15 +1,269 @@
-"""Training and evaluation loop. The loop itself arrives with issue #3; the entry point exists now."""
+"""Training and evaluation: one jitted step over the device mesh, Orbax checkpoints, exact resume.
+
+`train_and_evaluate(config, workdir)` is the whole job. Starting it in a workdir that holds a checkpoint
+resumes from the latest one (parameters, optimizer, step and input position); a finished run only
+re-evaluates. The step functions are pure: (state, batch) -> (state, metrics).
+"""
 from __future__ import annotations
 
+import functools
+import json
+import math
+from typing import Any
+
 from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
 
-from deeplab_jax.models import complexity
+from deeplab_jax import checkpoints, datasets, input_pipeline, losses, metrics, optim, sharding, visualize
+from deeplab_jax import config as config_lib
+from deeplab_jax.errors import NonFiniteLossError
+from deeplab_jax.models import create_model, upsample_logits
+
+# Params are the same at any size; a small input keeps the init program small.
+_INIT_SIZE = 65
 
 
-def train_and_evaluate(config, workdir: str) -> None:
-  """Validate the config and build its model; the training loop is not built yet."""
-  stats = complexity.model_stats(config, size=65)
-  logging.info("model %s: %s trainable parameters", config.model.backbone, f"{stats['params']:,}")
-  print(f"deeplab_jax: training is not built yet (issue #3). The config is valid and its "
-        f"{config.model.backbone} DeepLab has {stats['params']:,} trainable parameters; "
-        f"nothing was written to {workdir}.")
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  o = config.optim
+  return optim.poly_schedule(o.base_lr, config.train.steps, o.lr_power, o.warmup_steps)
+
+
+def create_tx(config) -> optax.GradientTransformation:
+  o = config.optim
+  return optim.create_optimizer(learning_rate_schedule(config), momentum=o.momentum,
+                                weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm or None)
+
+
+def init_state(rng, *, model, tx) -> TrainState:
+  variables = model.init(rng, jnp.zeros((1, _INIT_SIZE, _INIT_SIZE, 3), jnp.float32), train=False)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, schedule, loss_config, ignore_label: int,
+               dropout_rng) -> tuple[TrainState, dict]:
+  """One SGD step on the global batch. A non-finite loss or gradient leaves the state unchanged and is
+  reported in `metrics["nonfinite"]`, so no NaN ever reaches a checkpoint."""
+  rng = jax.random.fold_in(dropout_rng, state.step)
+
+  def loss_fn(params):
+    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                  batch["image"], train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": rng})
+    loss = losses.segmentation_loss(
+        logits, batch["label"], step=state.step, ignore_label=ignore_label,
+        class_weights=loss_config.class_weights, top_k_percent=loss_config.top_k_percent,
+        hard_mining_steps=loss_config.hard_mining_steps)
+    return loss, updates["batch_stats"]
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                         batch_stats=keep(batch_stats, state.batch_stats),
+                         opt_state=keep(opt_state, state.opt_state))
+  return new_state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+                     "nonfinite": (~finite).astype(jnp.int32)}
+
+
+def eval_step(params, batch_stats, batch: dict, *, model, num_classes: int, ignore_label: int):
+  """Confusion matrix of one padded batch (masked examples and ignored pixels excluded), predictions."""
+  logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=False)
+  logits = upsample_logits(logits, batch["label"].shape[1:3])
+  predictions = jnp.argmax(logits, axis=-1)
+  cm = metrics.confusion_matrix(batch["label"], predictions, num_classes, mask=batch["mask"],
+                                ignore_label=ignore_label)
+  return cm, predictions.astype(jnp.uint8 if num_classes <= 256 else jnp.int32)
+
+
+class Evaluator:
+  """Runs the validation split through a jitted eval step; int32 confusion matrices are summed on
+  device and moved to an int64 host total before they could overflow (Cityscapes has 1e9 pixels)."""
+
+  def __init__(self, config, builder, mesh, state_shardings):
+    self.config, self.builder, self.mesh = config, builder, mesh
+    self.num_classes = int(config.dataset.num_classes)
+    eval_os = config.eval.output_stride or config.model.output_stride
+    model = create_model(config, output_stride=eval_os)
+    batch_sh = sharding.batch_sharding(mesh)
+    self.batch_sharding = batch_sh
+    self.num_batches = input_pipeline.eval_num_batches(builder, config)
+    self.step_fn = jax.jit(
+        functools.partial(eval_step, model=model, num_classes=self.num_classes,
+                          ignore_label=int(config.dataset.ignore_label)),
+        in_shardings=(state_shardings.params, state_shardings.batch_stats, batch_sh),
+        out_shardings=(sharding.replicated(mesh), batch_sh))
+    crop = tuple(int(v) for v in config.eval.crop_size)
+    pixels = int(config.eval.batch_size) * crop[0] * crop[1]
+    self.flush_every = max(1, (2**31 - 1) // pixels)
+    self.class_names = datasets.class_names(config.dataset.name, self.num_classes)
+
+  def __call__(self, state: TrainState) -> tuple[dict, list[np.ndarray]]:
+    total = np.zeros((self.num_classes, self.num_classes), np.int64)
+    running, images = None, []
+    batches = input_pipeline.as_numpy(input_pipeline.eval_dataset(self.builder, self.config))
+    for i, local in enumerate(batches):
+      batch = sharding.to_global(local, self.batch_sharding)
+      cm, predictions = self.step_fn(state.params, state.batch_stats, batch)
+      running = cm if running is None else running + cm
+      if (i + 1) % self.flush_every == 0:
+        total += np.asarray(running, np.int64)
+        running = None
+      if i == 0:
+        images = self._summaries(local, sharding.first_local_rows(predictions))
+    if running is not None:
+      total += np.asarray(running, np.int64)
+    return metrics.metrics_from_confusion(total) | {"confusion_matrix": total}, images
+
+  def _summaries(self, local: dict, predictions: np.ndarray) -> list[np.ndarray]:
+    """Input | ground truth | prediction, side by side, for the first few real examples."""
+    count = min(int(self.config.eval.num_summary_images), len(predictions))
+    out = []
+    for k in range(count):
+      if not local["mask"][k]:
+        break
+      image = np.clip(local["image"][k], 0, 255).astype(np.uint8)
+      out.append(np.concatenate([image, visualize.colorize(local["label"][k]),
+                                 visualize.colorize(predictions[k])], axis=1))
+    return out
+
+
+def _scalars(prefix: str, results: dict, class_names) -> dict:
+  out = {f"{prefix}/mean_iou": results["mean_iou"], f"{prefix}/pixel_accuracy": results["pixel_accuracy"]}
+  for name, iou in zip(class_names, results["per_class_iou"]):
+    out[f"{prefix}/iou/{name}"] = iou
+  return out
+
+
+def _write_final(workdir: epath.Path, step: int, results: dict, class_names) -> None:
+  clean = lambda v: None if v is None or math.isnan(v) else round(float(v), 6)
+  payload = {"step": int(step), "mean_iou": clean(results["mean_iou"]),
+             "pixel_accuracy": clean(results["pixel_accuracy"]),
+             "per_class_iou": {n: clean(v) for n, v in zip(class_names, results["per_class_iou"])}}
+  (workdir / "final_metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _write_config(workdir: epath.Path, config) -> None:
+  """The config beside the checkpoints, for inference and for reading what a run did."""
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+
+def _check_finite(pending: list, step: int, manager) -> list:
+  """Raise if any step since the last check had a non-finite loss (a host sync; done rarely)."""
+  if pending and int(np.sum(jax.device_get([m["nonfinite"] for m in pending]))):
+    manager.wait_until_finished()
+    raise NonFiniteLossError(
+        f"the loss became NaN or infinite before step {step}; training stopped and the last checkpoint "
+        f"(step {manager.latest_step()}) is intact: lower config.optim.base_lr, set "
+        f"config.optim.grad_clip_norm, or check the input data")
+  return pending
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Train `config.train.steps` steps (resuming from `workdir`), evaluate, write final_metrics.json."""
+  config_lib.validate_training(config)
+  workdir = epath.Path(workdir)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.create_mesh()
+  sharding.check_batch(int(config.train.batch_size), mesh, "config.train.batch_size")
+  sharding.check_batch(int(config.eval.batch_size), mesh, "config.eval.batch_size")
+  builder = input_pipeline.load_builder(config)  # data errors before any compile
+
+  model = create_model(config)
+  tx = create_tx(config)
+  schedule = learning_rate_schedule(config)
+  init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
+  init_fn = functools.partial(init_state, model=model, tx=tx)
+  abstract_state = jax.eval_shape(init_fn, init_rng)
+  state_sh = sharding.state_shardings(abstract_state, mesh, config.mesh.param_sharding,
+                                      int(config.mesh.fsdp_min_size))
+
+  manager = checkpoints.create_manager(workdir, keep=int(config.checkpoint.keep),
+                                       async_save=bool(config.checkpoint.async_save))
+  latest = manager.latest_step()
+  if latest is None:
+    state = jax.jit(init_fn, out_shardings=state_sh)(init_rng)
+    logging.info("initialized a new %s DeepLab", config.model.backbone)
+  else:
+    state = checkpoints.restore(manager, latest, sharding.with_shardings(abstract_state, state_sh))
+    logging.info("resumed from %s", manager.directory / str(latest))
+  start_step, total_steps = int(jax.device_get(state.step)), int(config.train.steps)
+  if is_chief:
+    _write_config(workdir, config)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief, asynchronous=True)
+  if start_step == 0:
+    writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
+  evaluator = Evaluator(config, builder, mesh, state_sh)
+  class_names = evaluator.class_names
+
+  def run_eval(step: int) -> dict:
+    results, images = evaluator(state)
+    writer.write_scalars(step, _scalars("eval", results, class_names))
+    if images:
+      writer.write_images(step, {f"eval/example_{k}": im[None] for k, im in enumerate(images)})
+    return results
+
+  try:
+    if start_step < total_steps:
+      batch_sh = sharding.batch_sharding(mesh)
+      step_fn = jax.jit(
+          functools.partial(train_step, model=model, tx=tx, schedule=schedule, loss_config=config.loss,
+                            ignore_label=int(config.dataset.ignore_label), dropout_rng=dropout_rng),
+          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+          donate_argnums=(0,))
+      batches = input_pipeline.as_numpy(input_pipeline.train_dataset(builder, config, start_step))
+      report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                               every_steps=int(config.train.log_every_steps))
+      logging.info("training steps %d..%d", start_step + 1, total_steps)
+      pending = []
+      for step in range(start_step + 1, total_steps + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, step_metrics = step_fn(state, sharding.to_global(next(batches), batch_sh))
+        pending.append(step_metrics)
+        report(step)
+        last = step == total_steps
+        if step % config.train.log_every_steps == 0 or last:
+          _check_finite(pending, step, manager)
+          fetched = jax.device_get(pending)
+          writer.write_scalars(step, {f"train/{k}": float(np.mean([m[k] for m in fetched]))
+                                      for k in ("loss", "grad_norm", "learning_rate")})
+          pending = []
+        if step % config.checkpoint.every_steps == 0 or last:
+          _check_finite(pending, step, manager)
+          checkpoints.save(manager, step, state)
+        if step % config.eval.every_steps == 0 and not last:
+          with report.timed("eval"):
+            run_eval(step)
+    final_step = int(jax.device_get(state.step))
+    results = run_eval(final_step)
+  finally:
+    manager.wait_until_finished()
+    writer.flush()
+  if is_chief:
+    _write_final(workdir, final_step, results, class_names)
+  logging.info("final: %s", {k: v for k, v in results.items() if k != "confusion_matrix"})
+  print(f"deeplab_jax: final mean IoU {results['mean_iou']:.4f} at step {final_step} "
+        f"(pixel accuracy {results['pixel_accuracy']:.4f}; {workdir / 'final_metrics.json'})", flush=True)
+  return results

@@ -41,3 +41,48 @@ def run_module(args, timeout=300, env=None):
   full_env = dict(os.environ, **(env or {}))
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
                         timeout=timeout, env=full_env)
+
+
+def load_config(path):
+  """`get_config()` of a config file (configs/ is not a package)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_config(data_dir, steps: int = 6):
+  """The shapes config shrunk for tests: 'tiny' data (48 train / 12 val), 33 px crops, batch 2."""
+  config = load_config(os.path.join(REPO, "configs", "shapes.py"))
+  config.dataset.name = "synthetic_shapes/tiny"
+  config.dataset.data_dir = str(data_dir)
+  config.input.crop_size = (33, 33)
+  config.train.steps = steps
+  config.train.batch_size = 2
+  config.train.log_every_steps = 2
+  config.eval.batch_size = 8
+  config.eval.every_steps = 4
+  config.checkpoint.every_steps = 3
+  config.checkpoint.keep = 2
+  return config
+
+
+TINY_FLAGS = ["--config.dataset.name=synthetic_shapes/tiny", "--config.input.crop_size=(33, 33)",
+              "--config.train.batch_size=2", "--config.train.log_every_steps=2",
+              "--config.eval.batch_size=8", "--config.checkpoint.keep=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+  """A TFDS data dir holding synthetic_shapes/tiny, built once per session."""
+  from deeplab_jax import input_pipeline
+  data_dir = tmp_path_factory.mktemp("tfds")
+  input_pipeline.load_builder(tiny_config(data_dir))
+  return data_dir
+
+
+@pytest.fixture(scope="session")
+def compile_cache_env(tmp_path_factory):
+  """Environment for subprocess runs that share one persistent compilation cache (faster reruns)."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache"))}

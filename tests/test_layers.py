@@ -42,16 +42,55 @@ def test_explicit_padding(kernel, rate, expected):
 
 @pytest.mark.parametrize("size,stride,rate", [(9, 1, 1), (10, 1, 2), (11, 2, 1), (12, 2, 1),
                                               (13, 1, 3), (16, 1, 6), (8, 2, 1), (17, 1, 18)])
-def test_depthwise_equals_dense_and_numpy(size, stride, rate):
+@pytest.mark.parametrize("impl", layers.DEPTHWISE_IMPLS)
+def test_depthwise_equals_dense_and_numpy(size, stride, rate, impl):
   rng = np.random.default_rng(size * 100 + stride * 10 + rate)
   x = rng.normal(size=(2, size, size + 1, 5)).astype(np.float32)  # odd and even sides together
   w = rng.normal(size=(3, 3, 1, 5)).astype(np.float32)
-  got = np.asarray(layers.depthwise_conv2d(jnp.asarray(x), jnp.asarray(w), stride, rate))
+  got = np.asarray(layers.depthwise_conv2d(jnp.asarray(x), jnp.asarray(w), stride, rate, impl=impl))
   dense = np.asarray(layers.conv2d(jnp.asarray(x), jnp.asarray(dense_from_depthwise(w)), stride, rate))
   ref = numpy_conv(x.astype(np.float64), dense_from_depthwise(w).astype(np.float64), stride, rate)
   assert got.shape == ref.shape
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(dense, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride,rate", [(1, 1), (2, 1), (1, 2), (1, 6), (2, 3)])
+def test_shift_depthwise_gradients_equal_the_reference(stride, rate):
+  rng = np.random.default_rng(stride * 10 + rate)
+  x = jnp.asarray(rng.normal(size=(2, 11, 12, 4)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(3, 3, 1, 4)).astype(np.float32))
+  cotangent = jnp.asarray(rng.normal(size=layers.depthwise_conv2d(x, w, stride, rate).shape)
+                          .astype(np.float32))
+  grads = {impl: jax.grad(lambda x, w: jnp.sum(layers.depthwise_conv2d(x, w, stride, rate, impl=impl)
+                                                * cotangent), argnums=(0, 1))(x, w)
+           for impl in layers.DEPTHWISE_IMPLS}
+  for ref, got in zip(grads["grouped"], grads["shift"]):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_options_select_the_formulation_and_bn_momentum():
+  model = layers.ConvBN(kernel_size=3, depthwise=True)
+  x = jnp.ones((1, 5, 5, 2))
+  variables = model.init(jax.random.key(0), x, train=False)
+  with layers.layer_options(layers.LayerOptions(depthwise_impl="shift", bn_momentum=0.5)):
+    _, updates = model.apply(variables, x * 3, train=True, mutable=["batch_stats"])
+  mean = updates["batch_stats"]["bn"]["mean"]
+  _, default = model.apply(variables, x * 3, train=True, mutable=["batch_stats"])
+  # 0.5 decay moves halfway to the batch mean; the network's own 0.9997 barely moves.
+  assert float(jnp.abs(mean).max()) > 100 * float(jnp.abs(default["batch_stats"]["bn"]["mean"]).max())
+  with pytest.raises(ValueError, match="depthwise implementation 'fft'"):
+    with layers.layer_options(layers.LayerOptions(depthwise_impl="fft")):
+      pass
+
+
+def test_one_by_one_conv_as_matmul_equals_numpy():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 9, 10, 6)).astype(np.float32)
+  w = rng.normal(size=(1, 1, 6, 4)).astype(np.float32)
+  for stride in (1, 2):
+    got = np.asarray(layers.conv2d(jnp.asarray(x), jnp.asarray(w), stride=stride))
+    np.testing.assert_allclose(got, numpy_conv(x, w, stride, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_strided_conv_uses_explicit_padding_not_same_at_even_sizes():

@@ -1,13 +1,16 @@
 """Synthetic shapes: the embedded default data set, generated locally from a seed (no download).
 
-Each image holds 2-6 shapes of 5 classes (circle, rectangle, triangle, ring, cross) in random colors,
+Each image holds 2-5 shapes of 5 classes (circle, rectangle, triangle, ring, cross) in random colors,
 sizes and rotations, later shapes occluding earlier ones, on a textured, noisy background. Color carries
 no class information, so a model has to learn shape. Class 0 is background.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from PIL import Image
+import tensorflow_datasets as tfds
 
 CLASS_NAMES = ("background", "circle", "rectangle", "triangle", "ring", "cross")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -21,8 +24,8 @@ def _background(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> np.nd
     angle, freq = rng.uniform(0, np.pi), rng.uniform(0.02, 0.25)
     phase = rng.uniform(0, 2 * np.pi)
     wave = np.sin(freq * (np.cos(angle) * x + np.sin(angle) * y) + phase)
-    image += wave[..., None] * rng.uniform(-35, 35, 3).astype(np.float32)
-  coarse = rng.normal(0, 30, (h // 8 + 2, w // 8 + 2, 3)).astype(np.float32)
+    image += wave[..., None] * rng.uniform(-25, 25, 3).astype(np.float32)
+  coarse = rng.normal(0, 20, (h // 8 + 2, w // 8 + 2, 3)).astype(np.float32)
   image += np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(coarse[..., c])).resize(
       (w, h), Image.BILINEAR)) for c in range(3)], -1)  # smooth blotches, not blocks
   return image
@@ -30,8 +33,9 @@ def _background(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> np.nd
 
 def _shape_mask(rng: np.random.Generator, cls: int, y: np.ndarray, x: np.ndarray) -> np.ndarray:
   h, w = y.shape
-  size = rng.uniform(0.08, 0.3) * min(h, w)
-  cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+  size = rng.uniform(0.1, 0.3) * min(h, w)
+  # Centers at least half a size inside the image: shapes may be cut by the border, but not mostly.
+  cy, cx = rng.uniform(size / 2, h - size / 2), rng.uniform(size / 2, w - size / 2)
   theta = rng.uniform(0, 2 * np.pi)
   u = np.cos(theta) * (x - cx) + np.sin(theta) * (y - cy)
   v = -np.sin(theta) * (x - cx) + np.cos(theta) * (y - cy)
@@ -61,7 +65,7 @@ def generate_example(rng: np.random.Generator, height: int, width: int):
   y, x = np.mgrid[0:height, 0:width].astype(np.float32)
   image = _background(rng, y, x)
   label = np.zeros((height, width), np.uint8)
-  for _ in range(rng.integers(2, 7)):
+  for _ in range(rng.integers(2, 6)):
     cls = int(rng.integers(1, NUM_CLASSES))
     mask = _shape_mask(rng, cls, y, x)
     color = rng.uniform(0, 255, 3).astype(np.float32)
@@ -70,7 +74,7 @@ def generate_example(rng: np.random.Generator, height: int, width: int):
     shade = color + (gradient / max(height, width))[..., None] * rng.uniform(-60, 60, 3)
     image[mask] = shade[mask]
     label[mask] = cls
-  image += rng.normal(0, 12, image.shape).astype(np.float32)
+  image += rng.normal(0, 8, image.shape).astype(np.float32)
   return np.clip(image, 0, 255).astype(np.uint8), label
 
 
@@ -80,3 +84,43 @@ def generate_split(seed: int, num_examples: int, min_size: int = 96, max_size: i
   for _ in range(num_examples):
     h, w = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
     yield generate_example(rng, h, w)
+
+
+@dataclasses.dataclass
+class ShapesConfig(tfds.core.BuilderConfig):
+  num_train: int = 2000
+  num_val: int = 200
+
+
+class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
+  """TFDS builder over `generate_split`, so the default trains through the same reader as VOC.
+
+  Built locally on first use (`input_pipeline.load_builder`); "tiny" is for tests and smoke runs.
+  """
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Five shape classes on textured backgrounds; train seed 0, val seed 1."}
+  BUILDER_CONFIGS = [
+      ShapesConfig(name="default", description="2,000 train and 200 val images, 96-160 px sides."),
+      ShapesConfig(name="tiny", num_train=48, num_val=12, description="For tests."),
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        description=__doc__,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+            "segmentation": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+            "file_name": tfds.features.Text(),
+        }),
+        supervised_keys=("image", "segmentation"),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    return {"train": self._generate_examples("train", 0, self.builder_config.num_train),
+            "val": self._generate_examples("val", 1, self.builder_config.num_val)}
+
+  def _generate_examples(self, split: str, seed: int, num_examples: int):
+    for i, (image, label) in enumerate(generate_split(seed, num_examples)):
+      name = f"{split}_{i:05d}"
+      yield name, {"image": image, "segmentation": label[..., None], "file_name": name}

@@ -25,6 +25,10 @@ def _conv_macs(eqn) -> int:
   """Output elements x kernel elements per output (kh * kw * Cin / groups)."""
   out = eqn.outvars[0].aval.shape
   rhs = eqn.invars[1].aval.shape
+  if eqn.primitive.name == "dot_general":  # a 1x1 conv (layers.conv2d): contracted size per output
+    (contracting, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    return math.prod(out) * math.prod(lhs[d] for d in contracting)
   out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
   return math.prod(out) * math.prod(rhs) // out_features
 
@@ -39,12 +43,12 @@ def _subjaxprs(eqn):
 
 
 def conv_macs_by_part(jaxpr) -> dict[str, int]:
-  """Sum conv MACs per top-level module, read from each op's name stack (e.g. 'DeepLab/aspp/...')."""
+  """Sum conv (and 1x1-conv matmul) MACs per top-level module, read from each op's name stack (e.g. 'DeepLab/aspp/...')."""
   totals = defaultdict(int)
 
   def walk(j):
     for eqn in j.eqns:
-      if eqn.primitive.name == "conv_general_dilated":
+      if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
         scopes = str(eqn.source_info.name_stack).split("/")
         part = next((s for s in scopes if s in PARTS), "other")
         totals[part] += _conv_macs(eqn)
@@ -57,7 +61,8 @@ def conv_macs_by_part(jaxpr) -> dict[str, int]:
 
 def model_stats(config, size: int, output_stride: int | None = None) -> dict:
   """{"params", "batch_stats", "gmacs", "parts": {part: {"params", "gmacs"}}} without computing."""
-  model = create_model(config, output_stride)
+  # Counted on the reference formulation: other depthwise formulations hide convs in slices and adds.
+  model = create_model(config, output_stride).clone(depthwise_impl="grouped")
   images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)

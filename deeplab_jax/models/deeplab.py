@@ -1,7 +1,7 @@
 """DeepLabv3+ (DeepLabv3 with use_decoder=False): backbone -> ASPP -> [decoder] -> logits."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -43,19 +43,22 @@ class DeepLab(nn.Module):
   depth_multiplier: float = 1.0
   freeze_bn: bool = False
   dtype: layers.Dtype = jnp.float32
+  depthwise_impl: str = "grouped"  # see layers.depthwise_conv2d; parameters do not depend on it
+  bn_momentum: Optional[float] = None  # None: each network's own (SPEC); see layers.LayerOptions
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    x = (images.astype(jnp.float32) * (2.0 / 255.0) - 1.0).astype(self.dtype)
-    bn_train = train and not self.freeze_bn
-    features, low_level = make_backbone(self.backbone, self.output_stride, self.multi_grid,
-                                        self.depth_multiplier, self.dtype)(x, bn_train)
-    x = heads.ASPP(tuple(self.atrous_rates), self.aspp_separable, dtype=self.dtype,
-                   name="aspp")(features, train, bn_train)
-    if self.use_decoder:
-      x = heads.Decoder(self.decoder_separable, dtype=self.dtype, name="decoder")(
-          x, low_level, bn_train)
-    return heads.Logits(self.num_classes, name="logits")(x)
+    with layers.layer_options(layers.LayerOptions(self.depthwise_impl, self.bn_momentum)):
+      x = (images.astype(jnp.float32) * (2.0 / 255.0) - 1.0).astype(self.dtype)
+      bn_train = train and not self.freeze_bn
+      features, low_level = make_backbone(self.backbone, self.output_stride, self.multi_grid,
+                                          self.depth_multiplier, self.dtype)(x, bn_train)
+      x = heads.ASPP(tuple(self.atrous_rates), self.aspp_separable, dtype=self.dtype,
+                     name="aspp")(features, train, bn_train)
+      if self.use_decoder:
+        x = heads.Decoder(self.decoder_separable, dtype=self.dtype, name="decoder")(
+            x, low_level, bn_train)
+      return heads.Logits(self.num_classes, name="logits")(x)
 
 
 def upsample_logits(logits, size):

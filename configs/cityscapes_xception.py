@@ -1,0 +1,22 @@
+"""DeepLabv3+ Xception-65 on Cityscapes (SPEC section 8): 769x769 crops, 90,000 steps, OS16.
+
+  python -m deeplab_jax.main --config=configs/cityscapes_xception.py --workdir=gs://BUCKET/cs_xception
+
+Meant for a TPU v3-8 / v4-8 or 8 GPUs with 32 GB (global batch 16 at 769x769; lower the batch and set
+`--config.model.freeze_bn=True` on smaller machines, as the official code does). Evaluates whole
+1024x2048 val images padded to 1025x2049. Paper: 78.79% val (X-65). Needs the data prepared (issue #4).
+"""
+from deeplab_jax import config as config_lib
+
+
+def get_config():
+  config = config_lib.default_config()
+  config.dataset.name = "cityscapes/semantic_segmentation"
+  config.dataset.train_split = "train"
+  config.dataset.eval_split = "validation"
+  config.dataset.num_classes = 19  # train ids; the other label ids become 255
+  config.input.crop_size = (769, 769)
+  config.train.steps = 90_000
+  config.eval.crop_size = (1025, 2049)
+  config.eval.batch_size = 8
+  return config

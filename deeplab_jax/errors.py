@@ -1,0 +1,27 @@
+"""Errors a user can fix. Each message is one line naming the problem and the fix; `main` prints it
+and exits non-zero instead of showing a traceback."""
+
+
+class UserError(Exception):
+  """Base: bad input, not a bug. Subclasses say which kind."""
+  exit_code = 1
+
+
+class ConfigError(UserError, ValueError):
+  """A config value that cannot work."""
+  exit_code = 2
+
+
+class DataError(UserError):
+  """A data set that is missing, not prepared, or does not fit the config."""
+  exit_code = 3
+
+
+class CheckpointError(UserError):
+  """A checkpoint that cannot be restored into this config's model."""
+  exit_code = 4
+
+
+class NonFiniteLossError(UserError):
+  """Training produced a NaN or infinite loss; the last checkpoint is left intact."""
+  exit_code = 5

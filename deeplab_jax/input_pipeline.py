@@ -1,0 +1,225 @@
+"""tf.data input: SPEC section 8 augmentation, padded evaluation batches, per-process shards, exact resume.
+
+Training order is a function of (seed, step) only: epoch e is the process's shard shuffled with a seed
+derived from e, and example k's augmentation draws from a stateless seed derived from k. A run resumed
+at step N therefore sees the same batch N as an uninterrupted run, replaying at most one epoch of
+encoded reads (no decoding) to get there.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+from absl import logging
+import jax
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from deeplab_jax import datasets
+from deeplab_jax.errors import ConfigError, DataError
+
+# The official code pads images with the mean pixel, which its normalization maps to 0.
+IMAGE_PAD_VALUE = 127.5
+_MAX_EPOCHS = 2**40
+
+
+def load_builder(config) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of `config.dataset.name`, preparing generated data sets on first use."""
+  name, data_dir = config.dataset.name, config.dataset.data_dir or None
+  shown_dir = data_dir or tfds.core.constants.DATA_DIR
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DataError(datasets.missing_message(name, shown_dir)) from None
+  if builder.is_prepared():
+    return builder
+  if datasets.base_name(name) not in datasets.GENERATED:
+    raise DataError(datasets.missing_message(name, shown_dir))
+  # Process 0 builds first (a shared gs:// data_dir is then built once); others build their own copy
+  # only if they still cannot see it (a local data_dir per host).
+  if jax.process_index() == 0:
+    logging.info("building %s in %s (first use)", name, builder.data_dir)
+    builder.download_and_prepare()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"prepared {name}")
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    builder.download_and_prepare()
+  return builder
+
+
+def _check_split(builder, split: str, field: str) -> None:
+  if split not in builder.info.splits:
+    raise ConfigError(f"{field}={split!r} is not a split of {builder.info.full_name}; it has "
+                      f"{', '.join(sorted(builder.info.splits))}")
+
+
+def _read(builder, split: str, cache: bool) -> tf.data.Dataset:
+  """Encoded (image, segmentation) pairs in a fixed order; decoding waits until after shuffle and skip."""
+  ds = builder.as_dataset(
+      split=split, shuffle_files=False,
+      decoders={"image": tfds.decode.SkipDecoding(), "segmentation": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(try_autocache=False, skip_prefetch=True))
+  ds = ds.map(lambda ex: (ex["image"], ex["segmentation"]), num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.cache() if cache else ds
+
+
+def _decode(image, label):
+  image = tf.io.decode_image(image, channels=3, expand_animations=False)
+  label = tf.io.decode_png(label, channels=1)
+  return image, label
+
+
+def augment(image, label, seed, *, crop_size, min_scale, max_scale, scale_step, flip, ignore_label):
+  """SPEC section 8: random scale (bilinear image, nearest label, align_corners as the official code),
+  pad bottom/right to the crop (127.5 / ignore), random crop, horizontal flip with p = 0.5.
+
+  image uint8 (H, W, 3), label uint8 (H, W, 1), seed int64 (2,) -> float32 image, uint8 label at crop.
+  """
+  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
+  crop_h, crop_w = crop_size
+  image = tf.cast(image, tf.float32)
+  if not min_scale == max_scale == 1.0:
+    num_scales = int(round((max_scale - min_scale) / scale_step)) + 1
+    index = tf.random.stateless_uniform([], seeds[0], 0, num_scales, dtype=tf.int32)
+    scale = min_scale + tf.cast(index, tf.float32) * scale_step
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    size = tf.cast(shape * scale, tf.int32)  # floor, as the official code
+    image = tf.compat.v1.image.resize_bilinear(image[None], size, align_corners=True)[0]
+    label = tf.compat.v1.image.resize_nearest_neighbor(label[None], size, align_corners=True)[0]
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  pad_h, pad_w = tf.maximum(crop_h - height, 0), tf.maximum(crop_w - width, 0)
+  image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=IMAGE_PAD_VALUE)
+  label = tf.pad(label, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=ignore_label)
+  height, width = height + pad_h, width + pad_w
+  top = tf.random.stateless_uniform([], seeds[1], 0, height - crop_h + 1, dtype=tf.int32)
+  left = tf.random.stateless_uniform([], seeds[2], 0, width - crop_w + 1, dtype=tf.int32)
+  image = image[top:top + crop_h, left:left + crop_w]
+  label = label[top:top + crop_h, left:left + crop_w]
+  if flip:
+    do_flip = tf.random.stateless_uniform([], seeds[3]) < 0.5
+    image = tf.cond(do_flip, lambda: image[:, ::-1], lambda: image)
+    label = tf.cond(do_flip, lambda: label[:, ::-1], lambda: label)
+  image = tf.ensure_shape(image, (crop_h, crop_w, 3))
+  label = tf.ensure_shape(label, (crop_h, crop_w, 1))
+  return image, label
+
+
+def _local_batch(global_batch: int, field: str) -> int:
+  count = jax.process_count()
+  if global_batch % count:
+    raise ConfigError(f"{field}={global_batch} is not divisible by the {count} processes; "
+                      f"use a multiple of {count}")
+  return global_batch // count
+
+
+def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
+  """This process's training batches from `start_step` on: {"image": f32 (b, h, w, 3), "label": u8}."""
+  split = config.dataset.train_split
+  _check_split(builder, split, "config.dataset.train_split")
+  local_batch = _local_batch(config.train.batch_size, "config.train.batch_size")
+  index, count = jax.process_index(), jax.process_count()
+  shard = tfds.split_for_jax_process(split, process_index=index, process_count=count,
+                                     drop_remainder=True)
+  shard_size = builder.info.splits[shard].num_examples
+  if shard_size == 0:
+    raise DataError(f"split {split!r} of {builder.info.full_name} has no examples for process {index} "
+                    f"of {count}; use a larger split or fewer processes")
+  raw = _read(builder, shard, config.input.cache)
+  seed = int(config.seed)
+  buffer = int(config.input.shuffle_buffer)
+
+  def epoch(e):
+    # Each epoch's order depends only on (seed, e), so any epoch can be started directly.
+    return raw.shuffle(buffer, seed=tf.cast(seed, tf.int64) * 1_000_003 + e)
+
+  first = int(start_step) * local_batch
+  start_epoch, offset = divmod(first, shard_size)
+  ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch).skip(offset)
+  # Example k of this process (counting from step 0) gets augmentation seed (seed, k * count + index).
+  ds = tf.data.Dataset.zip(ds, tf.data.Dataset.range(first, 2**62))
+  aug = dict(crop_size=tuple(int(v) for v in config.input.crop_size),
+             min_scale=float(config.input.min_scale), max_scale=float(config.input.max_scale),
+             scale_step=float(config.input.scale_step), flip=bool(config.input.flip),
+             ignore_label=int(config.dataset.ignore_label))
+
+  def prepare(example, k):
+    image, label = _decode(*example)
+    image, label = augment(image, label, tf.stack([tf.cast(seed, tf.int64), k * count + index]), **aug)
+    return {"image": image, "label": label[..., 0]}
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_num_batches(builder, config) -> int:
+  """Batches per process so that the largest process shard fits; the same on every process."""
+  split = config.dataset.eval_split
+  _check_split(builder, split, "config.dataset.eval_split")
+  local_batch = _local_batch(config.eval.batch_size, "config.eval.batch_size")
+  shards = tfds.even_splits(split, n=jax.process_count(), drop_remainder=False)
+  largest = max(builder.info.splits[s].num_examples for s in shards)
+  return max(1, -(-largest // local_batch))
+
+
+def eval_dataset(builder, config) -> tf.data.Dataset:
+  """This process's evaluation batches: whole images padded to `config.eval.crop_size`.
+
+  Processes read disjoint `even_splits` shards; every process yields `eval_num_batches` batches, the
+  tail padded with examples whose `mask` is 0, so each real pixel counts exactly once overall.
+  """
+  split = config.dataset.eval_split
+  num_batches = eval_num_batches(builder, config)
+  local_batch = _local_batch(config.eval.batch_size, "config.eval.batch_size")
+  shard = tfds.even_splits(split, n=jax.process_count(), drop_remainder=False)[jax.process_index()]
+  crop_h, crop_w = (int(v) for v in config.eval.crop_size)
+  ignore = int(config.dataset.ignore_label)
+
+  def pad(image, label):
+    image, label = _decode(image, label)
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    check = tf.debugging.assert_less_equal(
+        tf.stack([height, width]), tf.constant([crop_h, crop_w]),
+        message=f"EVAL_IMAGE_TOO_LARGE: an evaluation image is larger than config.eval.crop_size="
+                f"({crop_h}, {crop_w})")
+    with tf.control_dependencies([check]):
+      paddings = [[0, crop_h - height], [0, crop_w - width], [0, 0]]
+    image = tf.pad(tf.cast(image, tf.float32), paddings, constant_values=IMAGE_PAD_VALUE)
+    label = tf.pad(label, paddings, constant_values=ignore)
+    return {"image": tf.ensure_shape(image, (crop_h, crop_w, 3)),
+            "label": tf.ensure_shape(label, (crop_h, crop_w, 1))[..., 0],
+            "mask": tf.constant(True)}
+
+  ds = _read(builder, shard, cache=False).map(pad, num_parallel_calls=tf.data.AUTOTUNE)
+  filler = tf.data.Dataset.from_tensors({
+      "image": tf.fill((crop_h, crop_w, 3), tf.constant(IMAGE_PAD_VALUE, tf.float32)),
+      "label": tf.fill((crop_h, crop_w), tf.constant(ignore, tf.uint8)),
+      "mask": tf.constant(False)}).repeat()
+  ds = ds.concatenate(filler).take(num_batches * local_batch)
+  return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def as_numpy(ds: tf.data.Dataset) -> Iterator[dict]:
+  """NumPy batches; an oversized evaluation image becomes a one-line DataError."""
+  iterator = iter(tfds.as_numpy(ds))
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:
+      found = re.search(r"EVAL_IMAGE_TOO_LARGE: (.*?\))", str(e))
+      if found:
+        raise DataError(f"{found.group(1)}; raise it to cover the largest image") from None
+      raise
+    yield batch
+
+
+def num_examples(builder, split: str) -> int:
+  return int(builder.info.splits[split].num_examples)
+
+
+__all__ = ["augment", "as_numpy", "eval_dataset", "eval_num_batches", "load_builder", "num_examples",
+           "train_dataset"]

@@ -1,0 +1,146 @@
+"""Input pipeline: deterministic order that resumes at any step, the SPEC augmentation's invariants,
+evaluation that counts every pixel once (across processes too), clear errors for missing data."""
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from conftest import REPO, load_config, run_module, tiny_config
+from deeplab_jax import input_pipeline, metrics
+from deeplab_jax.errors import DataError
+
+
+def _batches(config, start_step, count):
+  builder = input_pipeline.load_builder(config)
+  iterator = input_pipeline.as_numpy(input_pipeline.train_dataset(builder, config, start_step))
+  return [next(iterator) for _ in range(count)]
+
+
+def test_train_batches_repeat_and_resume_at_any_step_across_epochs(tiny_data_dir):
+  config = tiny_config(tiny_data_dir)  # 48 train examples, batch 2: 24 steps per epoch
+  reference = _batches(config, 0, 28)
+  again = _batches(config, 0, 3)
+  for a, b in zip(reference, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  for start in (5, 23, 25):
+    resumed = _batches(config, start, 2)
+    for k, batch in enumerate(resumed):
+      np.testing.assert_array_equal(batch["image"], reference[start + k]["image"])
+      np.testing.assert_array_equal(batch["label"], reference[start + k]["label"])
+  # Epochs are reshuffled: the second epoch is not the first one again.
+  assert not np.array_equal(reference[0]["image"], reference[24]["image"])
+  config.seed = 1
+  assert not np.array_equal(_batches(config, 0, 1)[0]["image"], reference[0]["image"])
+
+
+def test_train_batches_have_the_crop_shape_and_only_class_or_ignore_labels(tiny_data_dir):
+  config = tiny_config(tiny_data_dir)
+  for batch in _batches(config, 0, 5):
+    assert batch["image"].shape == (2, 33, 33, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (2, 33, 33) and batch["label"].dtype == np.uint8
+    assert set(np.unique(batch["label"])) <= set(range(6)) | {255}
+    assert 0 <= batch["image"].min() and batch["image"].max() <= 255
+
+
+def _augment(image, label, seed, **overrides):
+  kwargs = dict(crop_size=(12, 12), min_scale=1.0, max_scale=1.0, scale_step=0.25, flip=True,
+                ignore_label=255) | overrides
+  out = input_pipeline.augment(tf.constant(image), tf.constant(label), tf.constant(seed, tf.int64),
+                               **kwargs)
+  return [x.numpy() for x in out]
+
+
+def test_crop_and_flip_keep_image_and_label_aligned_and_pad_with_127_5_and_255():
+  rng = np.random.default_rng(0)
+  label = rng.integers(0, 6, (9, 7, 1)).astype(np.uint8)
+  image = np.repeat(label * 40, 3, axis=-1).astype(np.uint8)  # pixel value encodes its label
+  flips = set()
+  for seed in range(12):
+    out_image, out_label = _augment(image, label, [seed, 0])
+    real = out_label[..., 0] != 255
+    assert real.sum() == 9 * 7  # the whole 9x7 image sits inside the 12x12 crop
+    np.testing.assert_array_equal(out_image[real], (out_label[real] * 40.0).repeat(3, -1)
+                                  .reshape(-1, 3))
+    np.testing.assert_array_equal(out_image[~real], 127.5)
+    rows, cols = np.nonzero(real)
+    region = out_label[rows.min():rows.max() + 1, cols.min():cols.max() + 1, 0]
+    flips.add("flipped" if np.array_equal(region, label[:, ::-1, 0]) else
+              "kept" if np.array_equal(region, label[..., 0]) else "broken")
+  assert flips == {"flipped", "kept"}
+
+
+def test_scale_uses_the_configured_set_and_nearest_labels():
+  label = np.zeros((40, 40, 1), np.uint8)
+  label[10:30, 10:30] = 3
+  image = np.zeros((40, 40, 3), np.uint8)
+  sizes = set()
+  for seed in range(40):
+    out_image, out_label = _augment(image, label, [seed, 1], crop_size=(100, 100), min_scale=0.5,
+                                    max_scale=2.0, flip=False)
+    real = out_label[..., 0] != 255
+    sizes.add(int(real.sum(axis=0).max()))
+    assert set(np.unique(out_label)) <= {0, 3, 255}
+  assert sizes == {20, 30, 40, 50, 60, 70, 80}  # 40 * {0.5, 0.75, ..., 2.0}
+
+
+def _count_real_pixels(builder, split):
+  total = 0
+  for example in tfds.as_numpy(builder.as_dataset(split=split)):
+    total += int(np.sum(example["segmentation"] != 255))
+  return total
+
+
+@pytest.mark.parametrize("process_count", [1, 3])
+def test_padded_evaluation_counts_every_pixel_once(tiny_data_dir, monkeypatch, process_count):
+  """12 val images in batches of 3 per process: the tail is padded with masked examples; the confusion
+  matrix of labels against themselves then holds exactly the split's labelled pixels."""
+  config = tiny_config(tiny_data_dir)
+  config.eval.batch_size = 3 * process_count
+  builder = input_pipeline.load_builder(config)
+  total, examples, batch_counts = np.zeros((6, 6), np.int64), 0, set()
+  for index in range(process_count):
+    monkeypatch.setattr(jax, "process_count", lambda: process_count)
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    batches = list(input_pipeline.as_numpy(input_pipeline.eval_dataset(builder, config)))
+    batch_counts.add(len(batches))
+    for batch in batches:
+      assert batch["image"].shape == (3, 161, 161, 3)
+      examples += int(batch["mask"].sum())
+      total += np.asarray(metrics.confusion_matrix(batch["label"], batch["label"], 6,
+                                                   mask=batch["mask"]))
+  assert len(batch_counts) == 1  # every process runs the same number of eval steps
+  assert examples == 12
+  assert total.sum() == np.trace(total) == _count_real_pixels(builder, "val")
+
+
+def test_an_evaluation_image_larger_than_the_eval_crop_is_a_clear_error(tiny_data_dir):
+  config = tiny_config(tiny_data_dir)
+  config.eval.crop_size = (100, 100)  # the images are 96-160 px
+  builder = input_pipeline.load_builder(config)
+  with pytest.raises(DataError, match=r"^an evaluation image is larger than config.eval.crop_size="
+                                      r"\(100, 100\); raise it"):
+    list(input_pipeline.as_numpy(input_pipeline.eval_dataset(builder, config)))
+
+
+def test_voc_without_data_stops_with_how_to_prepare_it(tmp_path):
+  config = load_config(os.path.join(REPO, "configs", "voc_xception.py"))
+  config.dataset.data_dir = str(tmp_path)
+  with pytest.raises(DataError) as e:
+    input_pipeline.load_builder(config)
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith(f"data set 'voc2012_segmentation' is not prepared in {tmp_path}")
+  assert "VOCtrainval_11-May-2012.tar" in message and "benchmark.tgz" in message
+  assert "python -m deeplab_jax.datasets.prepare voc2012_segmentation" in message
+
+
+def test_main_without_data_exits_nonzero_with_one_line(tmp_path):
+  result = run_module(["deeplab_jax.main", "--config=configs/voc_xception.py",
+                       f"--workdir={tmp_path / 'work'}", f"--config.dataset.data_dir={tmp_path}"])
+  assert result.returncode == DataError.exit_code
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "deeplab_jax: error: data set 'voc2012_segmentation' is not prepared in")
+  assert not (tmp_path / "work" / "checkpoints").exists()

@@ -1,0 +1,195 @@
+"""The training job: a smoke run of the real loop, exact resume after SIGKILL, sharded == unsharded,
+non-finite losses stop training without touching checkpoints."""
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import REPO, TINY_FLAGS, run_module, tiny_config
+from deeplab_jax import train
+from deeplab_jax.errors import NonFiniteLossError
+from deeplab_jax.models import create_model
+
+RESUME_STEPS = 30
+
+
+def _main_args(workdir, data_dir, steps, *extra):
+  return ["deeplab_jax.main", "--config=configs/shapes.py", f"--workdir={workdir}",
+          f"--config.dataset.data_dir={data_dir}", f"--config.train.steps={steps}", *TINY_FLAGS, *extra]
+
+
+def _final_params(workdir, step):
+  restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
+                                                             "default"))
+  return restored["params"], restored["batch_stats"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, tiny_data_dir, compile_cache_env):
+  """README command 1's code path, shrunk: the real main, 30 steps, evaluation every 10."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  result = run_module(_main_args(workdir, tiny_data_dir, RESUME_STEPS, "--config.eval.every_steps=10",
+                                 "--config.checkpoint.every_steps=5"), env=compile_cache_env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_smoke_run_writes_metrics_summaries_and_checkpoints(uninterrupted_run):
+  workdir, result = uninterrupted_run
+  final = json.loads((workdir / "final_metrics.json").read_text())
+  assert final["step"] == RESUME_STEPS
+  assert set(final) == {"step", "mean_iou", "pixel_accuracy", "per_class_iou"}
+  assert list(final["per_class_iou"]) == ["background", "circle", "rectangle", "triangle", "ring",
+                                          "cross"]
+  assert 0.0 <= final["pixel_accuracy"] <= 1.0
+  last_line = result.stdout.strip().splitlines()[-1]
+  assert last_line.startswith(f"deeplab_jax: final mean IoU {final['mean_iou']:.4f} at step 30")
+  # keep=2: only the last two checkpoints remain; the config sits beside them for inference.
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [25, 30]
+  assert json.loads((workdir / "config.json").read_text())["model"]["backbone"] == "mobilenet_v2"
+  assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard events"
+  log = result.stderr
+  for tag in ("train/loss=", "train/learning_rate=", "eval/mean_iou=", "eval/iou/circle=",
+              "steps_per_sec=", "Got images: {'eval/example_0'"):
+    assert tag in log, tag
+
+
+def test_rerunning_a_finished_run_only_reevaluates(uninterrupted_run, compile_cache_env):
+  workdir, first = uninterrupted_run
+  before = _final_params(workdir, RESUME_STEPS)
+  again = run_module(["deeplab_jax.main", "--config=configs/shapes.py", f"--workdir={workdir}",
+                      *_data_dir_flag(first), f"--config.train.steps={RESUME_STEPS}", *TINY_FLAGS],
+                     env=compile_cache_env)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "training steps" not in again.stderr
+  assert again.stdout.strip().splitlines()[-1] == first.stdout.strip().splitlines()[-1]
+  after = _final_params(workdir, RESUME_STEPS)
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def _data_dir_flag(result):
+  return [a for a in result.args if a.startswith("--config.dataset.data_dir=")]
+
+
+def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(
+    uninterrupted_run, tmp_path, compile_cache_env):
+  reference_dir, reference = uninterrupted_run
+  args = ["deeplab_jax.main", "--config=configs/shapes.py", f"--workdir={tmp_path}",
+          *_data_dir_flag(reference), f"--config.train.steps={RESUME_STEPS}", *TINY_FLAGS,
+          "--config.eval.every_steps=10", "--config.checkpoint.every_steps=5"]
+  process = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=dict(os.environ,
+                             **compile_cache_env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  checkpoints = tmp_path / "checkpoints"
+  deadline = time.time() + 240
+  while time.time() < deadline and process.poll() is None:
+    if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  assert saved and saved[-1] < RESUME_STEPS, f"not killed mid-run: {saved}"
+  assert not (tmp_path / "final_metrics.json").exists()
+
+  resumed = run_module(args, env=compile_cache_env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from {checkpoints / str(saved[-1])}" in resumed.stderr
+  expected, got = _final_params(reference_dir, RESUME_STEPS), _final_params(tmp_path, RESUME_STEPS)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected, got)
+
+
+def test_a_nonfinite_loss_leaves_the_state_unchanged_and_is_reported(tiny_data_dir):
+  config = tiny_config(tiny_data_dir)
+  model, tx = create_model(config), train.create_tx(config)
+  state = jax.jit(functools.partial(train.init_state, model=model, tx=tx))(jax.random.key(0))
+  step = jax.jit(functools.partial(
+      train.train_step, model=model, tx=tx, schedule=train.learning_rate_schedule(config),
+      loss_config=config.loss, ignore_label=255, dropout_rng=jax.random.key(1)))
+  labels = jnp.zeros((2, 33, 33), jnp.uint8)
+  bad = {"image": jnp.full((2, 33, 33, 3), jnp.nan), "label": labels}
+  new_state, metrics = step(state, bad)
+  assert int(metrics["nonfinite"]) == 1 and int(new_state.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, (state.params, state.batch_stats),
+               (new_state.params, new_state.batch_stats))
+  good = {"image": jnp.full((2, 33, 33, 3), 100.0), "label": labels}
+  newer, metrics = step(new_state, good)
+  assert int(metrics["nonfinite"]) == 0
+  assert not np.allclose(newer.params["logits"]["semantic"]["bias"], state.params["logits"]["semantic"]["bias"])
+
+
+def test_nonfinite_training_stops_with_one_line_and_keeps_the_checkpoint(tiny_data_dir, tmp_path,
+                                                                         compile_cache_env):
+  # A huge learning rate makes the loss overflow within a few steps.
+  result = run_module(_main_args(tmp_path, tiny_data_dir, 40, "--config.optim.base_lr=1e12",
+                                 "--config.checkpoint.every_steps=1", "--config.eval.every_steps=100"),
+                      env=compile_cache_env)
+  assert result.returncode == NonFiniteLossError.exit_code, result.stderr[-3000:]
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith("deeplab_jax: error: the loss became NaN or infinite before step")
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and saved[-1] < 40
+  params, _ = _final_params(tmp_path, saved[-1])
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+SHARDED_CHECK = textwrap.dedent("""
+    import functools, sys
+    import jax, jax.numpy as jnp, numpy as np
+    sys.path.insert(0, "tests")
+    from conftest import tiny_config
+    from deeplab_jax import sharding, train
+    from deeplab_jax.models import create_model
+    assert jax.device_count() == 8
+    config = tiny_config(sys.argv[1])
+    config.model.depth_multiplier = 0.25
+    config.optim.base_lr = 0.007  # the SPEC recipe's rate (the shapes config's 0.05 trains from scratch)
+    config.train.batch_size = 16
+    model, tx = create_model(config), train.create_tx(config)
+    init = functools.partial(train.init_state, model=model, tx=tx)
+    state = jax.jit(init)(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(0, 255, (16, 33, 33, 3)).astype(np.float32),
+             "label": rng.integers(0, 6, (16, 33, 33)).astype(np.uint8)}
+    batch["label"][:, :4] = 255
+    step = functools.partial(train.train_step, model=model, tx=tx,
+                             schedule=train.learning_rate_schedule(config), loss_config=config.loss,
+                             ignore_label=255, dropout_rng=jax.random.key(1))
+    def run(devices, mode):
+      mesh = sharding.create_mesh(devices)
+      shard = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, mode, 1024)
+      fn = jax.jit(step, in_shardings=(shard, sharding.batch_sharding(mesh)),
+                   out_shardings=(shard, sharding.replicated(mesh)))
+      placed = jax.device_put(state, shard)
+      new, metrics = fn(placed, sharding.to_global(batch, sharding.batch_sharding(mesh)))
+      sharded = sum(len(leaf.sharding.spec) > 0 and any(leaf.sharding.spec)
+                    for leaf in jax.tree.leaves(new.params))
+      return jax.device_get((new.params, new.batch_stats, metrics["loss"])), sharded
+    (one, _) = run(jax.devices()[:1], "replicated")
+    for mode in ("replicated", "fsdp"):
+      (eight, sharded) = run(jax.devices(), mode)
+      diffs = [max((float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y))),
+                   default=0.0) for x, y in zip(one, eight)]
+      print(f"{mode}: sharded params {sharded}, max abs difference params {diffs[0]:.2g}, "
+            f"BN statistics {diffs[1]:.2g}, loss {diffs[2]:.2g}")
+      assert max(diffs) < 1e-5, (mode, diffs)
+      assert (sharded > 0) == (mode == "fsdp"), (mode, sharded)
+    print("OK")
+""")
+
+
+def test_eight_device_step_equals_one_device_step(tiny_data_dir):
+  """Synchronized BN and the sharded gradient: one step on 8 CPU devices == the same batch on 1."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run([sys.executable, "-c", SHARDED_CHECK, str(tiny_data_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=env)
+  assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-3000:]
