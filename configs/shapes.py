@@ -17,7 +17,12 @@ def get_config():
   config.dataset.train_split = "train"
   config.dataset.eval_split = "val"
   config.dataset.num_classes = 6  # background + 5 shape classes
+  config.model.bn_momentum = 0.99  # the paper's 0.9997 needs ~10k steps to settle; this run has 1,200
   config.input.crop_size = (97, 97)
+  # The SPEC's scale procedure over a narrower range: the synthetic images are small already, and at
+  # 2x a 97 px crop is mostly one flat region (measured: loss 0.83 vs 1.09 after 400 steps).
+  config.input.min_scale = 0.75
+  config.input.max_scale = 1.25
   config.input.cache = True
   # Trained from scratch, not fine-tuned from ImageNet: a larger rate than the paper's 0.007.
   config.optim.base_lr = 0.05
