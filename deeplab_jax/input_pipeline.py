@@ -216,10 +216,3 @@ def as_numpy(ds: tf.data.Dataset) -> Iterator[dict]:
       raise
     yield batch
 
-
-def num_examples(builder, split: str) -> int:
-  return int(builder.info.splits[split].num_examples)
-
-
-__all__ = ["augment", "as_numpy", "eval_dataset", "eval_num_batches", "load_builder", "num_examples",
-           "train_dataset"]

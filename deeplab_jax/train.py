@@ -167,7 +167,7 @@ def _write_config(workdir: epath.Path, config) -> None:
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
 
-def _check_finite(pending: list, step: int, manager) -> list:
+def _check_finite(pending: list, step: int, manager) -> None:
   """Raise if any step since the last check had a non-finite loss (a host sync; done rarely)."""
   if pending and int(np.sum(jax.device_get([m["nonfinite"] for m in pending]))):
     manager.wait_until_finished()
@@ -175,7 +175,6 @@ def _check_finite(pending: list, step: int, manager) -> list:
         f"the loss became NaN or infinite before step {step}; training stopped and the last checkpoint "
         f"(step {manager.latest_step()}) is intact: lower config.optim.base_lr, set "
         f"config.optim.grad_clip_norm, or check the input data")
-  return pending
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
