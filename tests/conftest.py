@@ -59,6 +59,7 @@ def tiny_config(data_dir, steps: int = 6):
   config.dataset.data_dir = str(data_dir)
   config.input.crop_size = (33, 33)
   config.train.steps = steps
+  config.optim.warmup_steps = 0
   config.train.batch_size = 2
   config.train.log_every_steps = 2
   config.eval.batch_size = 8
@@ -70,6 +71,7 @@ def tiny_config(data_dir, steps: int = 6):
 
 TINY_FLAGS = ["--config.dataset.name=synthetic_shapes/tiny", "--config.input.crop_size=(33, 33)",
               "--config.train.batch_size=2", "--config.train.log_every_steps=2",
+              "--config.optim.warmup_steps=0",
               "--config.eval.batch_size=8", "--config.checkpoint.keep=2"]
 
 
