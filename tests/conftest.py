@@ -52,27 +52,31 @@ def load_config(path):
   return module.get_config()
 
 
+# The shapes config shrunk for tests: 'tiny' data (48 train / 12 val), 33 px crops, batch 2. One table
+# serves both the in-process config and the command-line flags of subprocess runs.
+TINY_OVERRIDES = {
+    "dataset.name": "synthetic_shapes/tiny",
+    "input.crop_size": (33, 33),
+    "optim.warmup_steps": 0,
+    "train.batch_size": 2,
+    "train.log_every_steps": 2,
+    "eval.batch_size": 8,
+    "checkpoint.keep": 2,
+}
+TINY_FLAGS = [f"--config.{key}={value}" for key, value in TINY_OVERRIDES.items()]
+
+
 def tiny_config(data_dir, steps: int = 6):
-  """The shapes config shrunk for tests: 'tiny' data (48 train / 12 val), 33 px crops, batch 2."""
+  """`TINY_OVERRIDES` on the shapes config, plus a data dir and short step counts."""
   config = load_config(os.path.join(REPO, "configs", "shapes.py"))
-  config.dataset.name = "synthetic_shapes/tiny"
+  for key, value in TINY_OVERRIDES.items():
+    group, field = key.split(".")
+    setattr(config[group], field, value)
   config.dataset.data_dir = str(data_dir)
-  config.input.crop_size = (33, 33)
   config.train.steps = steps
-  config.optim.warmup_steps = 0
-  config.train.batch_size = 2
-  config.train.log_every_steps = 2
-  config.eval.batch_size = 8
   config.eval.every_steps = 4
   config.checkpoint.every_steps = 3
-  config.checkpoint.keep = 2
   return config
-
-
-TINY_FLAGS = ["--config.dataset.name=synthetic_shapes/tiny", "--config.input.crop_size=(33, 33)",
-              "--config.train.batch_size=2", "--config.train.log_every_steps=2",
-              "--config.optim.warmup_steps=0",
-              "--config.eval.batch_size=8", "--config.checkpoint.keep=2"]
 
 
 @pytest.fixture(scope="session")
