@@ -14,6 +14,12 @@ import tensorflow_datasets as tfds
 
 CLASS_NAMES = ("background", "circle", "rectangle", "triangle", "ring", "cross")
 NUM_CLASSES = len(CLASS_NAMES)
+SIZE_RANGE = (0.1, 0.3)  # a shape's half-extent, as a fraction of the image's shorter side
+NUM_SHAPES = (2, 5)  # inclusive range of shapes per image
+ROTATION_RANGE = (0.0, 2 * np.pi)  # radians
+MAX_OVERLAP = 1.0  # the most of a new shape that may lie on earlier shapes (occlusion)
+CENTER_MARGIN = 0.5  # shape centers keep this many half-extents from the border
+IMAGE_SIZES = (96, 160)
 
 
 def _background(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -38,10 +44,11 @@ def _background(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> np.nd
 
 def _shape_mask(rng: np.random.Generator, cls: int, y: np.ndarray, x: np.ndarray) -> np.ndarray:
   h, w = y.shape
-  size = rng.uniform(0.1, 0.3) * min(h, w)
+  size = rng.uniform(*SIZE_RANGE) * min(h, w)
   # Centers at least half a size inside the image: shapes may be cut by the border, but not mostly.
-  cy, cx = rng.uniform(size / 2, h - size / 2), rng.uniform(size / 2, w - size / 2)
-  theta = rng.uniform(0, 2 * np.pi)
+  m = CENTER_MARGIN * size
+  cy, cx = rng.uniform(m, h - m), rng.uniform(m, w - m)
+  theta = rng.uniform(*ROTATION_RANGE)
   u = np.cos(theta) * (x - cx) + np.sin(theta) * (y - cy)
   v = -np.sin(theta) * (x - cx) + np.cos(theta) * (y - cy)
   r = np.hypot(u, v)
@@ -70,9 +77,14 @@ def generate_example(rng: np.random.Generator, height: int, width: int):
   y, x = np.mgrid[0:height, 0:width].astype(np.float32)
   image = _background(rng, y, x)
   label = np.zeros((height, width), np.uint8)
-  for _ in range(rng.integers(2, 6)):
+  for _ in range(rng.integers(NUM_SHAPES[0], NUM_SHAPES[1] + 1)):
     cls = int(rng.integers(1, NUM_CLASSES))
-    mask = _shape_mask(rng, cls, y, x)
+    for _ in range(20):
+      mask = _shape_mask(rng, cls, y, x)
+      if (mask & (label > 0)).sum() <= MAX_OVERLAP * mask.sum():
+        break
+    else:
+      continue
     color = rng.uniform(0, 255, 3).astype(np.float32)
     # A gentle gradient across the shape so that it is not one flat color either.
     gradient = (np.cos(rng.uniform(0, 2 * np.pi)) * x + np.sin(rng.uniform(0, 2 * np.pi)) * y)
@@ -83,9 +95,10 @@ def generate_example(rng: np.random.Generator, height: int, width: int):
   return np.clip(image, 0, 255).astype(np.uint8), label
 
 
-def generate_split(seed: int, num_examples: int, min_size: int = 96, max_size: int = 160):
+def generate_split(seed: int, num_examples: int, min_size: int | None = None, max_size: int | None = None):
   """Deterministic examples of varied sizes: the same seed always gives the same images."""
   rng = np.random.default_rng(seed)
+  min_size, max_size = min_size or IMAGE_SIZES[0], max_size or IMAGE_SIZES[1]
   for _ in range(num_examples):
     h, w = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
     yield generate_example(rng, h, w)
