@@ -31,7 +31,7 @@ def get_config():
   config.train.steps = 1200
   config.train.batch_size = 8
   config.train.log_every_steps = 50
-  config.eval.crop_size = (161, 161)  # the largest images are 160 px
+  config.eval.crop_size = (129, 129)  # the largest images are 128 px
   config.eval.batch_size = 8
   config.eval.every_steps = 400
   config.checkpoint.every_steps = 200

@@ -107,7 +107,7 @@ def test_padded_evaluation_counts_every_pixel_once(tiny_data_dir, monkeypatch, p
     batches = list(input_pipeline.as_numpy(input_pipeline.eval_dataset(builder, config)))
     batch_counts.add(len(batches))
     for batch in batches:
-      assert batch["image"].shape == (3, 161, 161, 3)
+      assert batch["image"].shape == (3, 129, 129, 3)
       examples += int(batch["mask"].sum())
       total += np.asarray(metrics.confusion_matrix(batch["label"], batch["label"], 6,
                                                    mask=batch["mask"]))
@@ -118,7 +118,7 @@ def test_padded_evaluation_counts_every_pixel_once(tiny_data_dir, monkeypatch, p
 
 def test_an_evaluation_image_larger_than_the_eval_crop_is_a_clear_error(tiny_data_dir):
   config = tiny_config(tiny_data_dir)
-  config.eval.crop_size = (100, 100)  # the images are 96-160 px
+  config.eval.crop_size = (100, 100)  # the images are 112-128 px
   builder = input_pipeline.load_builder(config)
   with pytest.raises(DataError, match=r"^an evaluation image is larger than config.eval.crop_size="
                                       r"\(100, 100\); raise it"):

@@ -19,7 +19,10 @@ NUM_SHAPES = (2, 5)  # inclusive range of shapes per image
 ROTATION_RANGE = (0.0, 2 * np.pi)  # radians
 MAX_OVERLAP = 1.0  # the most of a new shape that may lie on earlier shapes (occlusion)
 CENTER_MARGIN = 0.5  # shape centers keep this many half-extents from the border
-IMAGE_SIZES = (96, 160)
+# Sides close to the eval crop (129): padding the eval input with a large gray border shifts the ASPP
+# image-pooling context away from training's (measured: mean IoU 0.38 against 0.35 with 96-160 px
+# images and a 161 crop).
+IMAGE_SIZES = (112, 128)
 
 
 def _background(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -115,10 +118,13 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
 
   Built locally on first use (`input_pipeline.load_builder`); "tiny" is for tests and smoke runs.
   """
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Five shape classes on textured backgrounds; train seed 0, val seed 1."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Five shape classes on textured backgrounds; train seed 0, val seed 1.",
+      "1.1.0": "Image sides 112-128 px (were 96-160).",
+  }
   BUILDER_CONFIGS = [
-      ShapesConfig(name="default", description="2,000 train and 200 val images, 96-160 px sides."),
+      ShapesConfig(name="default", description="2,000 train and 200 val images, 112-128 px sides."),
       ShapesConfig(name="tiny", num_train=48, num_val=12, description="For tests."),
   ]
 
