@@ -48,7 +48,7 @@ def _background(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> np.nd
 def _shape_mask(rng: np.random.Generator, cls: int, y: np.ndarray, x: np.ndarray) -> np.ndarray:
   h, w = y.shape
   size = rng.uniform(*SIZE_RANGE) * min(h, w)
-  # Centers at least half a size inside the image: shapes may be cut by the border, but not mostly.
+  # Centers CENTER_MARGIN half-extents inside the image: shapes may be cut by the border, but not mostly.
   m = CENTER_MARGIN * size
   cy, cx = rng.uniform(m, h - m), rng.uniform(m, w - m)
   theta = rng.uniform(*ROTATION_RANGE)
@@ -87,7 +87,7 @@ def generate_example(rng: np.random.Generator, height: int, width: int):
       if (mask & (label > 0)).sum() <= MAX_OVERLAP * mask.sum():
         break
     else:
-      continue
+      continue  # no placement within the occlusion bound: one shape fewer
     color = rng.uniform(0, 255, 3).astype(np.float32)
     # A gentle gradient across the shape so that it is not one flat color either.
     gradient = (np.cos(rng.uniform(0, 2 * np.pi)) * x + np.sin(rng.uniform(0, 2 * np.pi)) * y)
