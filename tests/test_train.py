@@ -122,7 +122,8 @@ def test_a_nonfinite_step_stops_training_with_one_line_naming_the_intact_checkpo
 
 
 # One 8-device process checks the step two ways, reusing its compiled programs (the MobileNetV2 step
-# compiles in ~15 s on one device, ~35 s on eight): sharded == unsharded, and a non-finite batch leaves the state as it was.
+# compiles in ~15 s on one device, ~35 s on eight): sharded == unsharded, and a non-finite batch
+# leaves the state as it was.
 STEP_CHECKS = textwrap.dedent("""
     import functools, json, sys
     import jax, jax.numpy as jnp, numpy as np
@@ -149,9 +150,9 @@ STEP_CHECKS = textwrap.dedent("""
     def compiled(devices, mode):
       mesh = sharding.create_mesh(devices)
       shard = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, mode, 1024)
-      fn = jax.jit(step, in_shardings=(shard, sharding.batch_sharding(mesh)),
-                   out_shardings=(shard, sharding.replicated(mesh)))
-      return lambda s, b: fn(jax.device_put(s, shard), sharding.to_global(b, sharding.batch_sharding(mesh)))
+      batch_shard = sharding.batch_sharding(mesh)
+      fn = jax.jit(step, in_shardings=(shard, batch_shard), out_shardings=(shard, sharding.replicated(mesh)))
+      return lambda s, b: fn(jax.device_put(s, shard), sharding.to_global(b, batch_shard))
 
     def max_diff(x, y):
       return max((float(np.max(np.abs(np.asarray(a) - np.asarray(b))))

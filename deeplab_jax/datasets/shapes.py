@@ -98,12 +98,11 @@ def generate_example(rng: np.random.Generator, height: int, width: int):
   return np.clip(image, 0, 255).astype(np.uint8), label
 
 
-def generate_split(seed: int, num_examples: int, min_size: int | None = None, max_size: int | None = None):
+def generate_split(seed: int, num_examples: int):
   """Deterministic examples of varied sizes: the same seed always gives the same images."""
   rng = np.random.default_rng(seed)
-  min_size, max_size = min_size or IMAGE_SIZES[0], max_size or IMAGE_SIZES[1]
   for _ in range(num_examples):
-    h, w = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
+    h, w = (int(v) for v in rng.integers(IMAGE_SIZES[0], IMAGE_SIZES[1] + 1, 2))
     yield generate_example(rng, h, w)
 
 
