@@ -3,8 +3,8 @@
   python -m deeplab_jax.main --config=configs/ade20k_xception.py --workdir=gs://BUCKET/ade20k_xception
 
 Meant for a TPU v3-8 / v4-8 or 8 GPUs (global batch 16 at 513x513). Label 0 ("other") is ignored.
-Paper: 45.65% val with multi-scale evaluation. Needs the data prepared (issue #4), which also brings
-the official resize of the longer side to 513 that lets every val image fit the 513 eval crop.
+Paper: 45.65% val with multi-scale evaluation. Prepare the data first:
+`python -m deeplab_jax.datasets.prepare ade20k --manual_dir=DIR --data_dir=DATA` (README, Data).
 """
 from deeplab_jax import config as config_lib
 
@@ -16,4 +16,8 @@ def get_config():
   config.dataset.eval_split = "validation"
   config.dataset.num_classes = 150
   config.train.steps = 150_000
+  # The official ADE20K input: longer side to 513, sides 16k + 1, so every image fits the 513 crop.
+  config.input.min_resize_value = 513
+  config.input.max_resize_value = 513
+  config.input.resize_factor = 16
   return config

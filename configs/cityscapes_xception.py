@@ -4,7 +4,8 @@
 
 Meant for a TPU v3-8 / v4-8 or 8 GPUs with 32 GB (global batch 16 at 769x769; lower the batch and set
 `--config.model.freeze_bn=True` on smaller machines, as the official code does). Evaluates whole
-1024x2048 val images padded to 1025x2049. Paper: 78.79% val (X-65). Needs the data prepared (issue #4).
+1024x2048 val images padded to 1025x2049. Paper: 78.79% val (X-65). Prepare the data first:
+`python -m deeplab_jax.datasets.prepare cityscapes --manual_dir=DIR --data_dir=DATA` (README, Data).
 """
 from deeplab_jax import config as config_lib
 

@@ -4,8 +4,9 @@
 
 Meant for accelerators: the paper's global batch 16 at a 513 crop (a TPU v3-8 or v4-8, or 8 GPUs with
 16 GB each). 30,000 steps on train_aug, SGD momentum 0.9, poly lr 0.007, weight decay 4e-5, evaluation
-on val at OS16; `--config.eval.output_stride=8` evaluates the same weights at OS8. Needs the data
-prepared first (issue #4); the paper's 79.8% also needs ImageNet-pretrained weights (a later issue).
+on val at OS16; `--config.eval.output_stride=8` evaluates the same weights at OS8. Prepare the data
+first (`python -m deeplab_jax.datasets.prepare voc2012_segmentation --manual_dir=DIR --data_dir=DATA`,
+README, Data); the paper's 79.8% also needs ImageNet-pretrained weights (a later issue).
 """
 from deeplab_jax import config as config_lib
 

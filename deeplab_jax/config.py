@@ -57,6 +57,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.input.max_scale = 2.0
   config.input.scale_step = 0.25
   config.input.flip = True
+  # The official `resize_to_range` before augmentation and evaluation (ADE20K: 513, 513, 16): the
+  # shorter side to min_resize_value unless the longer would exceed max_resize_value, then each side
+  # up to a multiple of resize_factor plus one. None: images keep their size (VOC, Cityscapes).
+  config.input.min_resize_value = config_dict.placeholder(int)
+  config.input.max_resize_value = config_dict.placeholder(int)
+  config.input.resize_factor = config_dict.placeholder(int)
   config.input.shuffle_buffer = 4096  # encoded examples per process
   config.input.cache = False  # keep encoded examples in memory (small data sets)
 
@@ -161,6 +167,11 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
   if not 0 < i.min_scale <= i.max_scale or i.scale_step <= 0:
     raise ConfigError(f"config.input scales min={i.min_scale}, max={i.max_scale}, step={i.scale_step} "
                       f"need 0 < min_scale <= max_scale and scale_step > 0 (paper: 0.5, 2.0, 0.25)")
+  sizes = {k: i.get(k) for k in ("min_resize_value", "max_resize_value", "resize_factor")}
+  if any(v is not None and int(v) < 1 for v in sizes.values()) or (
+      sizes["min_resize_value"] is None and any(v is not None for v in sizes.values())):
+    raise ConfigError(f"config.input resize values {sizes} must be positive, and max_resize_value and "
+                      f"resize_factor need min_resize_value (ADE20K: 513, 513, 16; None: no resize)")
   t, o = config.train, config.optim
   for field, value in (("config.train.steps", t.steps), ("config.train.batch_size", t.batch_size),
                        ("config.eval.batch_size", config.eval.batch_size),

@@ -31,10 +31,15 @@ def load_builder(config) -> tfds.core.DatasetBuilder:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise DataError(datasets.missing_message(name, shown_dir)) from None
-  if builder.is_prepared():
-    return builder
-  if datasets.base_name(name) not in datasets.GENERATED:
-    raise DataError(datasets.missing_message(name, shown_dir))
+  if not builder.is_prepared():
+    if not datasets.entry(name).generated:
+      raise DataError(datasets.missing_message(name, shown_dir))
+    builder = _build_generated(builder, name, data_dir)
+  _check_classes(builder, config)
+  return builder
+
+
+def _build_generated(builder, name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   # Process 0 builds first (a shared gs:// data_dir is then built once); others build their own copy
   # only if they still cannot see it (a local data_dir per host).
   if jax.process_index() == 0:
@@ -49,6 +54,19 @@ def load_builder(config) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def _check_classes(builder, config) -> None:
+  """The class count and ignore label stored with the data (or known for it) must be the config's."""
+  stored = dict(builder.info.metadata or {})
+  num_classes = stored.get("num_classes", datasets.entry(config.dataset.name).num_classes)
+  if num_classes is not None and int(num_classes) != int(config.dataset.num_classes):
+    raise ConfigError(f"config.dataset.num_classes={config.dataset.num_classes} but "
+                      f"{builder.info.full_name} has {num_classes} classes; set it to {num_classes}")
+  ignore = stored.get("ignore_label")
+  if ignore is not None and int(ignore) != int(config.dataset.ignore_label):
+    raise ConfigError(f"config.dataset.ignore_label={config.dataset.ignore_label} but "
+                      f"{builder.info.full_name} marks ignored pixels with {ignore}; set it to {ignore}")
+
+
 def _check_split(builder, split: str, field: str) -> None:
   if split not in builder.info.splits:
     raise ConfigError(f"{field}={split!r} is not a split of {builder.info.full_name}; it has "
@@ -57,17 +75,54 @@ def _check_split(builder, split: str, field: str) -> None:
 
 def _read(builder, split: str, cache: bool) -> tf.data.Dataset:
   """Encoded (image, segmentation) pairs in a fixed order; decoding waits until after shuffle and skip."""
+  entry = datasets.entry(builder.info.full_name)
   ds = builder.as_dataset(
       split=split, shuffle_files=False,
-      decoders={"image": tfds.decode.SkipDecoding(), "segmentation": tfds.decode.SkipDecoding()},
+      decoders={entry.image_key: tfds.decode.SkipDecoding(),
+                entry.label_key: tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(try_autocache=False, skip_prefetch=True))
-  ds = ds.map(lambda ex: (ex["image"], ex["segmentation"]), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(lambda ex: (ex[entry.image_key], ex[entry.label_key]),
+              num_parallel_calls=tf.data.AUTOTUNE)
   return ds.cache() if cache else ds
 
 
-def _decode(image, label):
-  image = tf.io.decode_image(image, channels=3, expand_animations=False)
-  label = tf.io.decode_png(label, channels=1)
+def _decoder(builder, config):
+  """(encoded image, encoded label) -> uint8 image (H, W, 3), label (H, W, 1) in train ids, resized
+  to the configured range."""
+  table = datasets.entry(builder.info.full_name).label_table
+  lookup = None if table is None else tf.constant(table, tf.uint8)
+  i = config.input
+  min_size, max_size, factor = (i.get(k) for k in ("min_resize_value", "max_resize_value",
+                                                   "resize_factor"))
+
+  def decode(image, label):
+    image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    label = tf.io.decode_png(label, channels=1)
+    if lookup is not None:
+      label = tf.gather(lookup, tf.cast(label, tf.int32))
+    if min_size is not None:
+      image, label = resize_to_range(image, label, int(min_size), max_size, factor)
+    return image, label
+
+  return decode
+
+
+def resize_to_range(image, label, min_size: int, max_size: int | None = None,
+                    factor: int | None = None):
+  """The official `resize_to_range`: the shorter side to `min_size`, unless the longer one would then
+  exceed `max_size` (the longer side goes to `max_size` instead); then each side up to k * factor + 1.
+  Image bilinear (float32), label nearest, both with align_corners."""
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  size = tf.floor(shape * (min_size / tf.reduce_min(shape)))
+  if max_size is not None:
+    small = tf.floor(shape * (max_size / tf.reduce_max(shape)))
+    size = tf.where(tf.reduce_max(size) > max_size, small, size)
+  size = tf.cast(size, tf.int32)
+  if factor is not None:
+    size += (factor - (size - 1) % factor) % factor
+  image = tf.compat.v1.image.resize_bilinear(tf.cast(image, tf.float32)[None], size,
+                                             align_corners=True)[0]
+  label = tf.compat.v1.image.resize_nearest_neighbor(label[None], size, align_corners=True)[0]
   return image, label
 
 
@@ -144,8 +199,10 @@ def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
              scale_step=float(config.input.scale_step), flip=bool(config.input.flip),
              ignore_label=int(config.dataset.ignore_label))
 
+  decode = _decoder(builder, config)
+
   def prepare(example, k):
-    image, label = _decode(*example)
+    image, label = decode(*example)
     image, label = augment(image, label, tf.stack([tf.cast(seed, tf.int64), k * count + index]), **aug)
     return {"image": image, "label": label[..., 0]}
 
@@ -176,9 +233,10 @@ def eval_dataset(builder, config) -> tf.data.Dataset:
   shard = tfds.even_splits(split, n=jax.process_count(), drop_remainder=False)[jax.process_index()]
   crop_h, crop_w = (int(v) for v in config.eval.crop_size)
   ignore = int(config.dataset.ignore_label)
+  decode = _decoder(builder, config)
 
   def pad(image, label):
-    image, label = _decode(image, label)
+    image, label = decode(image, label)
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     check = tf.debugging.assert_less_equal(
         tf.stack([height, width]), tf.constant([crop_h, crop_w]),

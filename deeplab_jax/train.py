@@ -115,7 +115,8 @@ class Evaluator:
     crop = tuple(int(v) for v in config.eval.crop_size)
     pixels = int(config.eval.batch_size) * crop[0] * crop[1]
     self.flush_every = max(1, (2**31 - 1) // pixels)
-    self.class_names = datasets.class_names(config.dataset.name, self.num_classes)
+    self.class_names = datasets.class_names(config.dataset.name, self.num_classes,
+                                            builder.info.metadata)
 
   def __call__(self, state: TrainState) -> tuple[dict, list[np.ndarray]]:
     total = np.zeros((self.num_classes, self.num_classes), np.int64)

@@ -1,36 +1,63 @@
-"""Data sets: TFDS builders (registered on import), class names, and how to prepare each.
+"""Data sets: TFDS builders (registered on import), what each needs, and how its examples are read.
 
-Builders that generate their data (the synthetic default) are built on first use; the others need a
-manual download, and `missing_message` says which files and which command.
+Every data set reaches the input pipeline as `image` (H, W, 3), `segmentation` (H, W, 1) class ids
+(255 ignored) and `file_name`. Ours store exactly that; Cityscapes is TFDS's own builder, so its
+`Entry` names its feature keys and the lookup table from label ids to train ids.
 """
 from __future__ import annotations
 
-from deeplab_jax.datasets import shapes
+import dataclasses
 
-# Data sets whose builder makes the data itself: `input_pipeline.load_builder` prepares them on first use.
-GENERATED = ("synthetic_shapes",)
+import numpy as np
 
-CLASS_NAMES = {
-    "synthetic_shapes": shapes.CLASS_NAMES,
-    "voc2012_segmentation": (
-        "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-        "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-        "train", "tvmonitor"),
-    "cityscapes": (
-        "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-        "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-        "bicycle"),
+from deeplab_jax.datasets import ade20k, cityscapes, folder, shapes, voc  # noqa: F401 (registers)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """What the pipeline and the prepare command know about one data set."""
+  class_names: tuple[str, ...] | None = None
+  # (archive, or the folder it extracts to) pairs the manual dir must hold, and where to get them.
+  needs: tuple[tuple[str, str | None], ...] = ()
+  where: str = ""
+  generated: bool = False  # built on first use, no download
+  image_key: str = "image"
+  label_key: str = "segmentation"
+  file_key: str = "file_name"
+  label_table: np.ndarray | None = None  # applied to decoded labels (uint8 -> uint8)
+  num_classes: int | None = None  # for builders that store no metadata of their own
+
+
+VOC_CLASS_NAMES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor")
+
+DATASETS = {
+    "synthetic_shapes": Entry(class_names=shapes.CLASS_NAMES, generated=True),
+    "voc2012_segmentation": Entry(
+        class_names=VOC_CLASS_NAMES,
+        needs=((voc.VOC_ARCHIVE, voc.VOC_ROOT), (voc.SBD_ARCHIVE, voc.SBD_ROOT)),
+        where=(f"{voc.VOC_ARCHIVE} from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ and "
+               f"{voc.SBD_ARCHIVE} from http://www.eecs.berkeley.edu/Research/Projects/CS/vision/"
+               f"grouping/semantic_contours/benchmark.tgz")),
+    "ade20k": Entry(
+        class_names=ade20k.CLASS_NAMES, needs=((ade20k.ARCHIVE, ade20k.ROOT),),
+        where=f"{ade20k.ARCHIVE} from http://data.csail.mit.edu/places/ADEchallenge/{ade20k.ARCHIVE}"),
+    "cityscapes": Entry(
+        class_names=cityscapes.CLASS_NAMES, needs=tuple((a, None) for a in cityscapes.ARCHIVES),
+        where=(f"{' and '.join(cityscapes.ARCHIVES)} from https://www.cityscapes-dataset.com/"
+               f"downloads/ (free login)"),
+        image_key="image_left", label_key="segmentation_label", file_key="image_id",
+        label_table=cityscapes.LABEL_TABLE, num_classes=cityscapes.NUM_CLASSES),
+    "folder_segmentation": Entry(
+        needs=(("images", "images"), ("masks", "masks")),
+        where="your own images/ and masks/ folders plus <split>.txt lists (see deeplab_jax/datasets/"
+              "folder.py)"),
 }
 
-_DOWNLOADS = {
-    "voc2012_segmentation": (
-        "VOCtrainval_11-May-2012.tar (http://host.robots.ox.ac.uk/pascal/VOC/voc2012/) and SBD's "
-        "benchmark.tgz (http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
-        "semantic_contours/benchmark.tgz)"),
-    "cityscapes": ("leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip "
-                   "(https://www.cityscapes-dataset.com/downloads/, login needed)"),
-    "ade20k": "ADEChallengeData2016.zip (http://data.csail.mit.edu/places/ADEchallenge/)",
-}
+# The name each base name is prepared and loaded under.
+TFDS_NAMES = {"cityscapes": cityscapes.NAME}
 
 
 def base_name(name: str) -> str:
@@ -38,8 +65,14 @@ def base_name(name: str) -> str:
   return name.split("/")[0].split(":")[0]
 
 
-def class_names(name: str, num_classes: int) -> tuple[str, ...]:
-  names = CLASS_NAMES.get(base_name(name))
+def entry(name: str) -> Entry:
+  """The `Entry` of a data set; an unknown TFDS data set gets the standard feature keys."""
+  return DATASETS.get(base_name(name), Entry())
+
+
+def class_names(name: str, num_classes: int, metadata=None) -> tuple[str, ...]:
+  """Names from the data set's stored metadata, its entry, or class_0..class_{n-1}."""
+  names = (metadata or {}).get("class_names") or entry(name).class_names
   if names is None or len(names) != num_classes:
     return tuple(f"class_{i}" for i in range(num_classes))
   return tuple(names)
@@ -47,10 +80,10 @@ def class_names(name: str, num_classes: int) -> tuple[str, ...]:
 
 def missing_message(name: str, data_dir: str) -> str:
   """One line: what is missing, where to get it, how to prepare it."""
-  files = _DOWNLOADS.get(base_name(name))
-  if files is None:
+  known = DATASETS.get(base_name(name))
+  if known is None or not known.where:
     return (f"data set {name!r} is not prepared in {data_dir} and no builder for it is registered; "
             f"set config.dataset.name to a prepared TFDS data set or build it with `tfds build`")
-  return (f"data set {name!r} is not prepared in {data_dir}: download {files} into a manual directory, "
+  return (f"data set {name!r} is not prepared in {data_dir}: put {known.where} in a manual directory, "
           f"then run `python -m deeplab_jax.datasets.prepare {base_name(name)} --manual_dir=DIR "
-          f"--data_dir={data_dir}` (the builder and the prepare command arrive with issue #4)")
+          f"--data_dir={data_dir}`")

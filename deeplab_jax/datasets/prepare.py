@@ -1,0 +1,76 @@
+"""Build a data set into a TFDS data dir from its manual download.
+
+  python -m deeplab_jax.datasets.prepare voc2012_segmentation --manual_dir=~/downloads --data_dir=~/tfds
+  python -m deeplab_jax.datasets.prepare ade20k --manual_dir=... --data_dir=gs://BUCKET/tfds
+  python -m deeplab_jax.datasets.prepare cityscapes --manual_dir=... --data_dir=...
+  python -m deeplab_jax.datasets.prepare folder_segmentation --manual_dir=MY_DATA --data_dir=... \
+      --num_classes=5 [--ignore_label=255]
+
+Checks that the manual dir holds every file first and names the missing ones and where to get them.
+Then trains can use `--config.dataset.data_dir=<data_dir>`.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from etils import epath
+
+from deeplab_jax import datasets, runtime
+from deeplab_jax.errors import ConfigError, DataError, UserError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("manual_dir", None, "Folder holding the downloaded archives (or their contents).")
+flags.DEFINE_string("data_dir", None, "TFDS data dir to build into (local or gs://); default: TFDS's.")
+flags.DEFINE_integer("num_classes", None, "folder_segmentation only: the number of classes.")
+flags.DEFINE_integer("ignore_label", 255, "folder_segmentation only: the mask value to ignore.")
+
+
+def missing_files(name: str, manual_dir: epath.Path) -> list[str]:
+  """What the manual dir lacks for `name`, each as 'archive (or folder/)'."""
+  missing = []
+  for archive, inner in datasets.entry(name).needs:
+    if not ((manual_dir / archive).exists() or (inner and (manual_dir / inner).is_dir())):
+      missing.append(archive if not inner or inner == archive else f"{archive} (or its {inner}/ folder)")
+  return missing
+
+
+def prepare(name: str, manual_dir: str | None, data_dir: str | None, **builder_kwargs) -> dict:
+  """Build `name`; returns {split: number of examples}. Raises a UserError on anything missing."""
+  import tensorflow_datasets as tfds
+  if name not in datasets.DATASETS:
+    raise ConfigError(f"unknown data set {name!r}; prepare one of {', '.join(sorted(datasets.DATASETS))}")
+  entry = datasets.entry(name)
+  download_config = None
+  if not entry.generated:
+    if not manual_dir:
+      raise ConfigError(f"{name} needs --manual_dir, the folder that holds {entry.where}")
+    manual = epath.Path(manual_dir).expanduser()
+    missing = missing_files(name, manual)
+    if missing:
+      raise DataError(f"{manual} lacks {', '.join(missing)}; get {entry.where} into it and run again")
+    download_config = tfds.download.DownloadConfig(manual_dir=str(manual))
+  if name != "folder_segmentation":
+    builder_kwargs = {}
+  data_dir = str(epath.Path(data_dir).expanduser()) if data_dir else None
+  builder = tfds.builder(datasets.TFDS_NAMES.get(name, name), data_dir=data_dir, **builder_kwargs)
+  builder.download_and_prepare(download_config=download_config)
+  return {split: info.num_examples for split, info in builder.info.splits.items()}
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError(f"give one data set name: {', '.join(sorted(datasets.DATASETS))}")
+  runtime.quiet_library_logs()
+  try:
+    sizes = prepare(argv[1], FLAGS.manual_dir, FLAGS.data_dir, num_classes=FLAGS.num_classes,
+                    ignore_label=FLAGS.ignore_label)
+  except UserError as e:
+    print(f"deeplab_jax: error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  splits = ", ".join(f"{split} {count:,}" for split, count in sorted(sizes.items()))
+  print(f"deeplab_jax: prepared {argv[1]} in {FLAGS.data_dir or 'the TFDS default data dir'}: {splits}")
+
+
+if __name__ == "__main__":
+  app.run(main)
