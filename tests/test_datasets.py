@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 import fake_data
 from conftest import run_module, tiny_config
 from deeplab_jax import datasets, input_pipeline
-from deeplab_jax.datasets import ade20k, cityscapes, prepare
+from deeplab_jax.datasets import ade20k, cityscapes
 from deeplab_jax.errors import ConfigError, DataError
 
 
@@ -35,7 +35,7 @@ VOC = dict(voc_train=[0, 1, 2, 3], voc_val=[4, 5, 6], sbd_train=[1, 4, 7, 8], sb
 def voc_data_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("voc")
   fake_data.make_voc(root / "manual", **VOC)
-  sizes = prepare.prepare("voc2012_segmentation", str(root / "manual"), str(root / "tfds"))
+  sizes = datasets.prepare("voc2012_segmentation", str(root / "manual"), str(root / "tfds"))
   return root / "tfds", sizes
 
 
@@ -62,7 +62,7 @@ def test_voc_splits_hold_the_right_images_and_masks(voc_data_dir):
 
 def test_ade20k_maps_other_to_255_and_shifts_the_classes(tmp_path):
   fake_data.make_ade20k(tmp_path / "manual", num_train=3, num_val=2)
-  sizes = prepare.prepare("ade20k", str(tmp_path / "manual"), str(tmp_path / "tfds"))
+  sizes = datasets.prepare("ade20k", str(tmp_path / "manual"), str(tmp_path / "tfds"))
   assert sizes == {"train": 3, "validation": 2}
   builder = tfds.builder("ade20k", data_dir=str(tmp_path / "tfds"))
   for split, offset in (("train", 0), ("validation", 20)):
@@ -76,7 +76,7 @@ def test_ade20k_maps_other_to_255_and_shifts_the_classes(tmp_path):
 
 def test_cityscapes_label_ids_become_the_19_train_ids_when_read(tmp_path):
   fake_data.make_cityscapes(tmp_path / "manual")
-  sizes = prepare.prepare("cityscapes", str(tmp_path / "manual"), str(tmp_path / "tfds"))
+  sizes = datasets.prepare("cityscapes", str(tmp_path / "manual"), str(tmp_path / "tfds"))
   assert sizes == {"train": 4, "validation": 2, "test": 2}
   # The mapping table: 19 label ids get 0..18 in order, every other value is ignored.
   table = cityscapes.LABEL_TABLE
@@ -104,7 +104,7 @@ def folder_dirs(tmp_path_factory):
   root = tmp_path_factory.mktemp("folder")
   fake_data.make_folder(root / "manual", {"train": 5, "val": 3}, num_classes=4)
   (root / "manual" / "classes.txt").write_text("sky\nroad\ncar\ntree\n")
-  sizes = prepare.prepare("folder_segmentation", str(root / "manual"), str(root / "tfds"),
+  sizes = datasets.prepare("folder_segmentation", str(root / "manual"), str(root / "tfds"),
                           num_classes=4, ignore_label=255)
   return root, sizes
 
@@ -137,10 +137,10 @@ def test_folder_dataset_refuses_bad_masks_and_missing_images(tmp_path):
   manual = tmp_path / "manual"
   fake_data.make_folder(manual, {"train": 2}, num_classes=4)
   with pytest.raises(DataError, match=r"img_0000.png has values \[3\] outside 0..2 and 255"):
-    prepare.prepare("folder_segmentation", str(manual), str(tmp_path / "a"), num_classes=3)
+    datasets.prepare("folder_segmentation", str(manual), str(tmp_path / "a"), num_classes=3)
   (manual / "train.txt").write_text("img_0000\nnot_there\n")
   with pytest.raises(DataError, match=r"no image for 'not_there' in .*images"):
-    prepare.prepare("folder_segmentation", str(manual), str(tmp_path / "b"), num_classes=4)
+    datasets.prepare("folder_segmentation", str(manual), str(tmp_path / "b"), num_classes=4)
   assert not tfds.builder("folder_segmentation", data_dir=str(tmp_path / "b")).is_prepared()
 
 

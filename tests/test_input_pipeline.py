@@ -86,6 +86,40 @@ def test_scale_uses_the_configured_set_and_nearest_labels():
   assert sizes == {20, 30, 40, 50, 60, 70, 80}  # 40 * {0.5, 0.75, ..., 2.0}
 
 
+def test_scale_crop_and_flip_keep_each_pixel_on_its_own_label():
+  """Each pixel carries its source (row, col) in two channels and the label is a function of them.
+  Bilinear scaling reproduces a linear function exactly, so after scale, pad, crop and flip every
+  image pixel still says where it came from, and its label must be that of the nearest source pixel
+  (align_corners nearest, as the official code); padding is 127.5 in all channels and 255 below."""
+  h, w, step = 23, 31, 8
+  rows, cols = np.mgrid[0:h, 0:w]
+  image = np.stack([rows * step, cols * step, np.full_like(rows, 200)], -1).astype(np.uint8)
+  truth = ((3 * rows + 5 * cols) % 21).astype(np.uint8)
+  truth[rows == 0] = 255  # an ignored band must travel with its pixels too
+  seen = set()
+  for seed in range(24):
+    out_image, out_label = _augment(image, truth[..., None], [seed, 7], crop_size=(24, 24),
+                                    min_scale=0.5, max_scale=2.0)
+    out_label = out_label[..., 0]
+    padded = out_image[..., 2] == 127.5
+    np.testing.assert_array_equal(out_image[padded], 127.5)
+    np.testing.assert_array_equal(out_label[padded], 255)
+    real = ~padded
+    np.testing.assert_allclose(out_image[real][:, 2], 200, atol=1e-3)
+    src_row, src_col = out_image[real][:, 0] / step, out_image[real][:, 1] / step
+    # Skip exact .5 ties, where float rounding may fall either way.
+    clear = (np.abs(src_row % 1 - 0.5) > 1e-3) & (np.abs(src_col % 1 - 0.5) > 1e-3)
+    expected = truth[np.round(src_row[clear]).astype(int), np.round(src_col[clear]).astype(int)]
+    np.testing.assert_array_equal(out_label[real][clear], expected)
+    assert clear.mean() > 0.5
+    assert set(np.unique(out_label)) <= set(range(21)) | {255}
+    seen.add("padded" if padded.any() else "cropped")
+    cols_out = out_image[real.all(1)][:, :, 1] if real.all(1).any() else None
+    if cols_out is not None:
+      seen.add("flipped" if cols_out[0, 0] > cols_out[0, -1] else "kept")
+  assert seen == {"padded", "cropped", "flipped", "kept"}
+
+
 def _count_real_pixels(builder, split):
   total = 0
   for example in tfds.as_numpy(builder.as_dataset(split=split)):

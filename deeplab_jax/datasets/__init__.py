@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from etils import epath
 import numpy as np
 
 from deeplab_jax.datasets import ade20k, cityscapes, folder, shapes, voc  # noqa: F401 (registers)
+from deeplab_jax.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,3 +89,39 @@ def missing_message(name: str, data_dir: str) -> str:
   return (f"data set {name!r} is not prepared in {data_dir}: put {known.where} in a manual directory, "
           f"then run `python -m deeplab_jax.datasets.prepare {base_name(name)} --manual_dir=DIR "
           f"--data_dir={data_dir}`")
+
+
+def missing_files(name: str, manual_dir: epath.Path) -> list[str]:
+  """What the manual dir lacks for `name`, each as 'archive (or folder/)'."""
+  missing = []
+  for archive, inner in entry(name).needs:
+    if not ((manual_dir / archive).exists() or (inner and (manual_dir / inner).is_dir())):
+      missing.append(archive if not inner or inner == archive else f"{archive} (or its {inner}/ folder)")
+  return missing
+
+
+def prepare(name: str, manual_dir: str | None, data_dir: str | None, **builder_kwargs) -> dict:
+  """Build `name` (what `python -m deeplab_jax.datasets.prepare` runs); returns {split: examples}.
+
+  Checks the manual dir first, so a missing archive is one line naming it and where to get it.
+  `builder_kwargs` (num_classes, ignore_label) are for folder_segmentation only.
+  """
+  import tensorflow_datasets as tfds
+  if name not in DATASETS:
+    raise ConfigError(f"unknown data set {name!r}; prepare one of {', '.join(sorted(DATASETS))}")
+  known = DATASETS[name]
+  download_config = None
+  if not known.generated:
+    if not manual_dir:
+      raise ConfigError(f"{name} needs --manual_dir, the folder that holds {known.where}")
+    manual = epath.Path(manual_dir).expanduser()
+    missing = missing_files(name, manual)
+    if missing:
+      raise DataError(f"{manual} lacks {', '.join(missing)}; get {known.where} into it and run again")
+    download_config = tfds.download.DownloadConfig(manual_dir=str(manual))
+  if name != "folder_segmentation":
+    builder_kwargs = {}
+  data_dir = str(epath.Path(data_dir).expanduser()) if data_dir else None
+  builder = tfds.builder(TFDS_NAMES.get(name, name), data_dir=data_dir, **builder_kwargs)
+  builder.download_and_prepare(download_config=download_config)
+  return {split: info.num_examples for split, info in builder.info.splits.items()}

@@ -14,10 +14,9 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags
-from etils import epath
 
 from deeplab_jax import datasets, runtime
-from deeplab_jax.errors import ConfigError, DataError, UserError
+from deeplab_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("manual_dir", None, "Folder holding the downloaded archives (or their contents).")
@@ -26,45 +25,13 @@ flags.DEFINE_integer("num_classes", None, "folder_segmentation only: the number 
 flags.DEFINE_integer("ignore_label", 255, "folder_segmentation only: the mask value to ignore.")
 
 
-def missing_files(name: str, manual_dir: epath.Path) -> list[str]:
-  """What the manual dir lacks for `name`, each as 'archive (or folder/)'."""
-  missing = []
-  for archive, inner in datasets.entry(name).needs:
-    if not ((manual_dir / archive).exists() or (inner and (manual_dir / inner).is_dir())):
-      missing.append(archive if not inner or inner == archive else f"{archive} (or its {inner}/ folder)")
-  return missing
-
-
-def prepare(name: str, manual_dir: str | None, data_dir: str | None, **builder_kwargs) -> dict:
-  """Build `name`; returns {split: number of examples}. Raises a UserError on anything missing."""
-  import tensorflow_datasets as tfds
-  if name not in datasets.DATASETS:
-    raise ConfigError(f"unknown data set {name!r}; prepare one of {', '.join(sorted(datasets.DATASETS))}")
-  entry = datasets.entry(name)
-  download_config = None
-  if not entry.generated:
-    if not manual_dir:
-      raise ConfigError(f"{name} needs --manual_dir, the folder that holds {entry.where}")
-    manual = epath.Path(manual_dir).expanduser()
-    missing = missing_files(name, manual)
-    if missing:
-      raise DataError(f"{manual} lacks {', '.join(missing)}; get {entry.where} into it and run again")
-    download_config = tfds.download.DownloadConfig(manual_dir=str(manual))
-  if name != "folder_segmentation":
-    builder_kwargs = {}
-  data_dir = str(epath.Path(data_dir).expanduser()) if data_dir else None
-  builder = tfds.builder(datasets.TFDS_NAMES.get(name, name), data_dir=data_dir, **builder_kwargs)
-  builder.download_and_prepare(download_config=download_config)
-  return {split: info.num_examples for split, info in builder.info.splits.items()}
-
-
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError(f"give one data set name: {', '.join(sorted(datasets.DATASETS))}")
   runtime.quiet_library_logs()
   try:
-    sizes = prepare(argv[1], FLAGS.manual_dir, FLAGS.data_dir, num_classes=FLAGS.num_classes,
-                    ignore_label=FLAGS.ignore_label)
+    sizes = datasets.prepare(argv[1], FLAGS.manual_dir, FLAGS.data_dir,
+                             num_classes=FLAGS.num_classes, ignore_label=FLAGS.ignore_label)
   except UserError as e:
     print(f"deeplab_jax: error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
