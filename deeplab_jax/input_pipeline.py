@@ -175,8 +175,10 @@ def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
   _check_split(builder, split, "config.dataset.train_split")
   local_batch = _local_batch(config.train.batch_size, "config.train.batch_size")
   index, count = jax.process_index(), jax.process_count()
+  # Shards may differ by one example: each process repeats its own shard forever, so unequal sizes
+  # cost nothing, while dropping the remainder would leave examples that no process ever reads.
   shard = tfds.split_for_jax_process(split, process_index=index, process_count=count,
-                                     drop_remainder=True)
+                                     drop_remainder=False)
   shard_size = builder.info.splits[shard].num_examples
   if shard_size == 0:
     raise DataError(f"split {split!r} of {builder.info.full_name} has no examples for process {index} "

@@ -89,6 +89,17 @@ def tiny_data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def voc_data_dir(tmp_path_factory):
+  """A TFDS data dir holding voc2012_segmentation built from fake archives (fake_data.VOC_SPLITS)."""
+  import fake_data
+  from deeplab_jax import datasets
+  root = tmp_path_factory.mktemp("voc")
+  fake_data.make_voc(root / "manual", **fake_data.VOC_SPLITS)
+  sizes = datasets.prepare("voc2012_segmentation", str(root / "manual"), str(root / "tfds"))
+  return root / "tfds", sizes
+
+
+@pytest.fixture(scope="session")
 def compile_cache_env(tmp_path_factory):
   """Environment for subprocess runs that share one persistent compilation cache (faster reruns)."""
   return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache"))}

@@ -69,6 +69,8 @@ def _ids(text) -> bytes:
 
 
 VOC_SHAPE = (9, 11)
+# train_aug = VOC train + SBD train + SBD val - VOC val = {0, 1, 2, 3} + {7, 8, 9} (4 and 5 are val).
+VOC_SPLITS = dict(voc_train=[0, 1, 2, 3], voc_val=[4, 5, 6], sbd_train=[1, 4, 7, 8], sbd_val=[2, 9, 5])
 
 
 def voc_id(k: int) -> str:

@@ -1,5 +1,6 @@
 """Builders on fake downloads in the real layouts: split sizes, which image and mask each example got,
 label values and id mappings; the prepare command's messages."""
+import json
 import os
 
 import numpy as np
@@ -8,8 +9,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import fake_data
-from conftest import run_module, tiny_config
-from deeplab_jax import datasets, input_pipeline
+from conftest import REPO, load_config, run_module, tiny_config
+from deeplab_jax import datasets, input_pipeline, train
 from deeplab_jax.datasets import ade20k, cityscapes
 from deeplab_jax.errors import ConfigError, DataError
 
@@ -28,15 +29,7 @@ def _image_number(image) -> int:
   return next(k for k in range(fake_data.DISTINCT_IMAGES) if abs(fake_data.image_value(k) - value) <= 2)
 
 
-VOC = dict(voc_train=[0, 1, 2, 3], voc_val=[4, 5, 6], sbd_train=[1, 4, 7, 8], sbd_val=[2, 9, 5])
-
-
-@pytest.fixture(scope="module")
-def voc_data_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("voc")
-  fake_data.make_voc(root / "manual", **VOC)
-  sizes = datasets.prepare("voc2012_segmentation", str(root / "manual"), str(root / "tfds"))
-  return root / "tfds", sizes
+VOC = fake_data.VOC_SPLITS
 
 
 def test_voc_splits_hold_the_right_images_and_masks(voc_data_dir):
@@ -142,6 +135,9 @@ def test_folder_dataset_refuses_bad_masks_and_missing_images(tmp_path):
   with pytest.raises(DataError, match=r"no image for 'not_there' in .*images"):
     datasets.prepare("folder_segmentation", str(manual), str(tmp_path / "b"), num_classes=4)
   assert not tfds.builder("folder_segmentation", data_dir=str(tmp_path / "b")).is_prepared()
+  (manual / "train.txt").write_text("img_0000\nimg_0001\nimg_0000\n")
+  with pytest.raises(DataError, match=r"train.txt names \['img_0000'\] more than once"):
+    datasets.prepare("folder_segmentation", str(manual), str(tmp_path / "c"), num_classes=4)
 
 
 def test_prepare_names_the_missing_files_and_where_to_get_them(tmp_path):
@@ -174,3 +170,22 @@ def test_resize_to_range_follows_the_official_rule():
   assert size(100, 100, 513, 513, 16) == (513, 513)
   assert size(300, 200, 400) == (600, 400)  # no max: the shorter side to min
   assert size(300, 200, 400, 500) == (500, 333)  # 600 > 500: the longer side to max instead
+
+
+def test_voc_xception_config_trains_end_to_end_on_fake_voc(voc_data_dir, tmp_path):
+  """The real config, only shrunk: Xception-65, train_aug, 21 classes; 2 steps at a 33 crop."""
+  data_dir, _ = voc_data_dir
+  config = load_config(os.path.join(REPO, "configs", "voc_xception.py"))
+  config.dataset.data_dir = str(data_dir)
+  config.input.crop_size = (33, 33)
+  config.train.steps, config.train.batch_size, config.train.log_every_steps = 2, 2, 1
+  config.eval.crop_size, config.eval.batch_size = (17, 17), 2  # the fake images are 9x11
+  config.checkpoint.every_steps = 2
+  results = train.train_and_evaluate(config, str(tmp_path / "work"))
+  final = json.loads((tmp_path / "work" / "final_metrics.json").read_text())
+  assert final["step"] == 2 and 0 <= final["mean_iou"] <= 1
+  assert list(final["per_class_iou"]) == list(datasets.VOC_CLASS_NAMES)
+  # Every labelled val pixel was evaluated once: 3 images of 9x11, minus their 255 pixels.
+  labelled = sum(int((fake_data.label_pattern(k, list(range(21)) + [255], fake_data.VOC_SHAPE)
+                      != 255).sum()) for k in VOC["voc_val"])
+  assert int(np.asarray(results["confusion_matrix"]).sum()) == labelled

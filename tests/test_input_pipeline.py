@@ -1,5 +1,6 @@
 """Input pipeline: deterministic order that resumes at any step, the SPEC augmentation's invariants,
 evaluation that counts every pixel once (across processes too), clear errors for missing data."""
+import json
 import os
 
 import jax
@@ -178,3 +179,45 @@ def test_main_without_data_exits_nonzero_with_one_line(tmp_path):
   assert result.stderr.strip().splitlines()[-1].startswith(
       "deeplab_jax: error: data set 'voc2012_segmentation' is not prepared in")
   assert not (tmp_path / "work" / "checkpoints").exists()
+
+
+def test_two_processes_read_disjoint_shards_and_cover_every_example(tmp_path):
+  """Two JAX processes on localhost (2 CPU devices each, `jax.distributed`): per epoch, together they
+  read each of the 20 training images once; each global batch on the 4-device mesh is the two local
+  batches; evaluation sees each of the 7 validation images exactly once."""
+  import socket
+  import subprocess
+  import sys
+
+  import fake_data
+  from deeplab_jax import datasets
+  fake_data.make_folder(tmp_path / "manual", {"train": 20, "val": 7}, num_classes=4)
+  datasets.prepare("folder_segmentation", str(tmp_path / "manual"), str(tmp_path / "tfds"),
+                   num_classes=4)
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  worker = os.path.join(REPO, "tests", "two_process_worker.py")
+  outs = [tmp_path / f"process_{i}.json" for i in range(2)]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), str(tmp_path / "tfds"),
+                             str(outs[i])], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=240)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  runs = [json.loads(out.read_text()) for out in outs]
+  assert all(r["process_count"] == 2 and r["devices"] == 4 for r in runs)
+  steps_per_epoch = 5  # 20 images / global batch 4
+  for epoch in range(2):
+    steps = range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+    local = [[k for s in steps for k in r["train_local"][s]] for r in runs]
+    assert not set(local[0]) & set(local[1])
+    assert sorted(local[0] + local[1]) == list(range(20))
+  for s in range(len(runs[0]["train_global"])):
+    # The global batch holds both processes' rows, and both processes see the same one.
+    assert runs[0]["train_global"][s] == runs[1]["train_global"][s]
+    assert sorted(runs[0]["train_global"][s]) == sorted(runs[0]["train_local"][s] +
+                                                        runs[1]["train_local"][s])
+  assert len(runs[0]["eval_local"]) == len(runs[1]["eval_local"])  # same number of eval steps
+  evaluated = [k for r in runs for batch in r["eval_local"] for k in batch]
+  assert sorted(evaluated) == list(range(20, 27))

@@ -12,6 +12,7 @@ Keep one data dir per data set of your own: the builder's name is always `folder
 """
 from __future__ import annotations
 
+import collections
 import re
 
 from etils import epath
@@ -67,8 +68,13 @@ class FolderSegmentation(tfds.core.GeneratorBasedBuilder):
         raise DataError(f"{names} names {len(class_names)} classes but num_classes="
                         f"{self._num_classes}; make them agree")
       self.info.metadata["class_names"] = class_names
-    return {split: self._generate_examples(root, manual.read_ids(path)) for split, path in
-            splits.items()}
+    split_ids = {split: manual.read_ids(path) for split, path in splits.items()}
+    for split, ids in split_ids.items():
+      repeated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+      if repeated:
+        raise DataError(f"split list {splits[split]} names {repeated[:3]} more than once; list each "
+                        f"image once")
+    return {split: self._generate_examples(root, ids) for split, ids in split_ids.items()}
 
   def _generate_examples(self, root: epath.Path, ids):
     for image_id in ids:

@@ -1,0 +1,67 @@
+"""One of two JAX processes on localhost (2 CPU devices each) reading the input pipeline.
+
+  python tests/two_process_worker.py PROCESS_ID PORT DATA_DIR OUT_JSON
+
+Writes which images this process read in each training step, which images the global batch assembled
+on the 4-device mesh held, and which (real) images its evaluation batches held; the test compares the
+two processes' files. Images are told apart by their fill value (tests/fake_data.py).
+"""
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+TRAIN_STEPS = 10  # two epochs: 20 train images, global batch 4
+
+
+def image_numbers(images) -> list[int]:
+  import fake_data
+  values = np.median(images.reshape(len(images), -1), axis=1)
+  return [next(k for k in range(fake_data.DISTINCT_IMAGES) if abs(fake_data.image_value(k) - v) <= 2)
+          for v in values]
+
+
+def main():
+  process_id, port, data_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                             process_id=process_id)
+  from jax.experimental import multihost_utils
+
+  from conftest import tiny_config
+  from deeplab_jax import input_pipeline, sharding
+
+  config = tiny_config(data_dir)
+  config.dataset.name, config.dataset.num_classes = "folder_segmentation", 4
+  config.input.crop_size = (10, 14)  # the images' size, no scaling or flip: pixels stay as stored
+  config.input.min_scale = config.input.max_scale = 1.0
+  config.input.flip = False
+  config.train.batch_size, config.eval.batch_size = 4, 4
+  config.eval.crop_size = (10, 14)
+  builder = input_pipeline.load_builder(config)
+  mesh = sharding.create_mesh()
+  batch_sh = sharding.batch_sharding(mesh)
+  result = {"process_count": jax.process_count(), "devices": len(mesh.devices.flat),
+            "train_local": [], "train_global": [], "eval_local": []}
+  batches = input_pipeline.as_numpy(input_pipeline.train_dataset(builder, config))
+  for _ in range(TRAIN_STEPS):
+    local = next(batches)
+    result["train_local"].append(image_numbers(local["image"]))
+    global_batch = sharding.to_global(local, batch_sh)
+    gathered = multihost_utils.process_allgather(global_batch["image"], tiled=True)
+    result["train_global"].append(image_numbers(np.asarray(gathered)))
+  for batch in input_pipeline.as_numpy(input_pipeline.eval_dataset(builder, config)):
+    numbers = image_numbers(batch["image"][batch["mask"]]) if batch["mask"].any() else []
+    result["eval_local"].append(numbers)
+  with open(out, "w") as f:
+    json.dump(result, f)
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main()
