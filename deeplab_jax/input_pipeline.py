@@ -87,8 +87,8 @@ def _read(builder, split: str, cache: bool) -> tf.data.Dataset:
 
 
 def _decoder(builder, config):
-  """(encoded image, encoded label) -> uint8 image (H, W, 3), label (H, W, 1) in train ids, resized
-  to the configured range."""
+  """(encoded image, encoded label) -> image (H, W, 3), uint8 label (H, W, 1) in class ids; with
+  `config.input.min_resize_value` both are resized to the official range (the image then float32)."""
   table = datasets.entry(builder.info.full_name).label_table
   lookup = None if table is None else tf.constant(table, tf.uint8)
   i = config.input
