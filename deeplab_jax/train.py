@@ -56,6 +56,12 @@ def init_state(rng, *, model, tx) -> TrainState:
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
 
 
+def abstract_state(config) -> TrainState:
+  """Shapes and dtypes of `config`'s train state (what a checkpoint of it holds), without computing."""
+  init_fn = functools.partial(init_state, model=create_model(config), tx=create_tx(config))
+  return jax.eval_shape(init_fn, jax.random.key(0))
+
+
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, loss_config, ignore_label: int,
                dropout_rng) -> tuple[TrainState, dict]:
   """One SGD step on the global batch. A non-finite loss or gradient leaves the state unchanged and is
