@@ -46,8 +46,8 @@ def load_image(image) -> np.ndarray:
     try:
       with Image.open(path.open("rb")) as opened:
         return np.asarray(opened.convert("RGB"))
-    except (OSError, SyntaxError) as e:
-      raise DataError(f"{path} is not an image PIL can read ({e}); give a JPEG, PNG or similar") from None
+    except (OSError, SyntaxError):
+      raise DataError(f"{path} is not an image PIL can read; give a JPEG, PNG or similar") from None
   if isinstance(image, Image.Image):
     return np.asarray(image.convert("RGB"))
   array = np.asarray(image)
@@ -142,18 +142,21 @@ class Predictor:
                                      "batch_stats": variables.get("batch_stats", {})}, device)
     self._apply = functools.partial(_forward, self.model)
     self.compiled_shapes: set[tuple[int, int]] = set()
+    self.step: int | None = None  # the checkpoint's step, when restored from one
 
   # Construction from training output.
 
   @classmethod
-  def from_workdir(cls, workdir, step: int | None = None, **options) -> "Predictor":
-    """The run in `workdir` (its config.json and checkpoints/), at its latest or a chosen step."""
+  def from_workdir(cls, workdir, step: int | None = None, config=None, **options) -> "Predictor":
+    """The run in `workdir` at its latest or a chosen step, with its config.json unless `config` is
+    given (e.g. to point at another data dir)."""
     workdir = epath.Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.exists():
       raise CheckpointError(f"{workdir} holds no config.json: it is not a training workdir; give the "
                             f"--workdir a training run wrote")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    if config is None:
+      config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     manager = checkpoints.create_manager(workdir, keep=None, async_save=False, create=False)
     steps = manager.all_steps()
     if not steps:
@@ -163,7 +166,9 @@ class Predictor:
       step = max(steps)
     elif step not in steps:
       raise CheckpointError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
-    return cls(config, _restore_variables(manager, step, config), **options)
+    predictor = cls(config, _restore_variables(manager, step, config), **options)
+    predictor.step = int(step)
+    return predictor
 
   @classmethod
   def from_checkpoint(cls, path, config: ml_collections.ConfigDict, **options) -> "Predictor":
@@ -172,7 +177,9 @@ class Predictor:
     if not path.name.isdigit() or not path.exists():
       raise CheckpointError(f"{path} is not a checkpoint directory; give <workdir>/checkpoints/<step>")
     manager = checkpoints.create_manager(path.parent.parent, keep=None, async_save=False, create=False)
-    return cls(config, _restore_variables(manager, int(path.name), config), **options)
+    predictor = cls(config, _restore_variables(manager, int(path.name), config), **options)
+    predictor.step = int(path.name)
+    return predictor
 
   # Prediction.
 
@@ -298,3 +305,88 @@ def image_files(path) -> Iterable[epath.Path]:
     return sorted(p for p in path.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp",
                                                                      ".gif", ".webp", ".tif", ".tiff"))
   return [path]
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("input", None, "An image file or a folder of images.")
+  flags.DEFINE_string("output", None, "Folder for <name>.png label maps and <name>_overlay.jpg.")
+  flags.DEFINE_list("scales", ["1.0"], "Input scales to average, e.g. 0.5,0.75,1.0,1.25,1.5,1.75.")
+  flags.DEFINE_bool("flip", False, "Also average the left-right flipped input.")
+  flags.DEFINE_integer("output_stride", None, "Eval output stride (8, 16, 32; default: the config's).")
+  flags.DEFINE_float("alpha", 0.5, "Label weight in the overlays.")
+  flags.mark_flags_as_required(["workdir", "input", "output"])
+
+
+def palette_name(dataset_name: str) -> str:
+  return "cityscapes" if datasets.base_name(dataset_name) == "cityscapes" else "voc"
+
+
+def save_label_png(labels: np.ndarray, path: epath.Path, colors: np.ndarray) -> None:
+  """A palette PNG: pixel values are the class ids, viewers show the palette's colors."""
+  labels = np.ascontiguousarray(labels, np.uint8)
+  image = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
+  image.putpalette(colors.reshape(-1).tolist())
+  with path.open("wb") as f:
+    image.save(f, format="PNG")
+
+
+def segment_folder(predictor: Predictor, inputs, output, alpha: float = 0.5) -> tuple[int, list[str]]:
+  """Label PNGs and overlay JPEGs for every input image; returns (written, skipped-with-reasons)."""
+  from tqdm import tqdm
+  output = epath.Path(output)
+  output.mkdir(parents=True, exist_ok=True)
+  colors = palette_colors(palette_name(predictor.config.dataset.name))
+  written, skipped = 0, []
+  for path in tqdm(list(inputs), desc="segmenting", unit="image"):
+    try:
+      image = load_image(path)
+    except DataError as e:
+      skipped.append(str(e))
+      continue
+    labels = predictor.predict(image)
+    save_label_png(labels, output / f"{path.stem}.png", colors)
+    with (output / f"{path.stem}_overlay.jpg").open("wb") as f:
+      Image.fromarray(overlay(image, labels, alpha, colors)).save(f, format="JPEG", quality=90)
+    written += 1
+  return written, skipped
+
+
+def main(argv):
+  import sys
+  from absl import flags
+  from deeplab_jax import runtime
+  from deeplab_jax.errors import UserError
+  del argv
+  FLAGS = flags.FLAGS
+  runtime.enable_compilation_cache()
+  runtime.quiet_library_logs()
+  try:
+    predictor = Predictor.from_workdir(FLAGS.workdir, FLAGS.step, output_stride=FLAGS.output_stride,
+                                       scales=[float(s) for s in FLAGS.scales], flip=FLAGS.flip)
+    inputs = image_files(FLAGS.input)
+    if not epath.Path(FLAGS.input).exists():
+      raise DataError(f"--input={FLAGS.input} does not exist; give an image file or a folder of images")
+    if not inputs:
+      raise DataError(f"--input={FLAGS.input} holds no .jpg/.png/... images")
+    written, skipped = segment_folder(predictor, inputs, FLAGS.output, FLAGS.alpha)
+  except UserError as e:
+    print(f"deeplab_jax: error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  for reason in skipped:
+    print(f"deeplab_jax: skipped: {reason}", file=sys.stderr)
+  shapes = sorted(predictor.compiled_shapes)
+  print(f"deeplab_jax: segmented {written} images into {FLAGS.output}; {len(shapes)} compiled "
+        f"program(s) for padded sizes {shapes}" + (f"; skipped {len(skipped)}" if skipped else ""))
+  if skipped:
+    sys.exit(DataError.exit_code)
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

@@ -261,6 +261,22 @@ def eval_dataset(builder, config) -> tf.data.Dataset:
   return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
+def eval_examples(builder, config) -> tf.data.Dataset:
+  """This process's evaluation examples whole and unpadded, {"image", "label" (H, W)}, for strategies
+  (multi-scale, flip, sliding window) that need each image at its own size."""
+  split = config.dataset.eval_split
+  _check_split(builder, split, "config.dataset.eval_split")
+  shard = tfds.even_splits(split, n=jax.process_count(), drop_remainder=False)[jax.process_index()]
+  decode = _decoder(builder, config)
+
+  def prepare(image, label):
+    image, label = decode(image, label)
+    return {"image": image, "label": label[..., 0]}
+
+  return _read(builder, shard, cache=False).map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+      tf.data.AUTOTUNE)
+
+
 def as_numpy(ds: tf.data.Dataset) -> Iterator[dict]:
   """NumPy batches; an oversized evaluation image becomes a one-line DataError."""
   iterator = iter(tfds.as_numpy(ds))

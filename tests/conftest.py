@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,10 @@ TINY_OVERRIDES = {
     "train.log_every_steps": 2,
     "eval.batch_size": 8,
     "checkpoint.keep": 2,
+    # The reference depthwise formulation: the same numbers as the shift path that "auto" picks on
+    # CPU (tests/test_layers.py checks forward and gradients), and its programs compile about 18%
+    # faster (a 30-step tiny run: 52 s against 63 s), which keeps the suite within 10 minutes.
+    "model.depthwise_impl": "grouped",
 }
 TINY_FLAGS = [f"--config.{key}={value}" for key, value in TINY_OVERRIDES.items()]
 
@@ -103,3 +108,94 @@ def voc_data_dir(tmp_path_factory):
 def compile_cache_env(tmp_path_factory):
   """Environment for subprocess runs that share one persistent compilation cache (faster reruns)."""
   return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache"))}
+
+
+# One 8-device process checks the step two ways, reusing its compiled programs (the MobileNetV2 step
+# compiles in ~15 s on one device, ~35 s on eight): sharded == unsharded, and a non-finite batch
+# leaves the state as it was. It also saves its fsdp-sharded state as a checkpoint, which the
+# inference tests restore on one device (a second 8-device process would cost ~20 s more).
+STEP_CHECKS = textwrap.dedent("""
+    import functools, json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    sys.path.insert(0, "tests")
+    from conftest import tiny_config
+    from deeplab_jax import checkpoints, sharding, train
+    from etils import epath
+    from deeplab_jax.models import create_model
+    assert jax.device_count() == 8
+    config = tiny_config(sys.argv[1])
+    config.model.depth_multiplier = 0.25
+    config.optim.base_lr = 0.007  # the SPEC recipe's rate: see test_eight_device_step_equals_one_device_step
+    config.train.batch_size = 16
+    model, tx = create_model(config), train.create_tx(config)
+    init = functools.partial(train.init_state, model=model, tx=tx)
+    state = jax.jit(init)(jax.random.key(0))  # the real init: 1e-5 holds at its scales
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(0, 255, (16, 33, 33, 3)).astype(np.float32),
+             "label": rng.integers(0, 6, (16, 33, 33)).astype(np.uint8)}
+    batch["label"][:, :4] = 255
+    step = functools.partial(train.train_step, model=model, tx=tx,
+                             schedule=train.learning_rate_schedule(config), loss_config=config.loss,
+                             ignore_label=255, dropout_rng=jax.random.key(1))
+
+    def compiled(devices, mode):
+      mesh = sharding.create_mesh(devices)
+      shard = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, mode, 1024)
+      batch_shard = sharding.batch_sharding(mesh)
+      fn = jax.jit(step, in_shardings=(shard, batch_shard), out_shardings=(shard, sharding.replicated(mesh)))
+      return lambda s, b: fn(jax.device_put(s, shard), sharding.to_global(b, batch_shard))
+
+    def max_diff(x, y):
+      return max((float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y))), default=0.0)
+
+    facts = {}
+    one, one_metrics = compiled(jax.devices()[:1], "replicated")(state, batch)
+    sharded_steps = {}
+    for mode in ("replicated", "fsdp"):
+      sharded_steps[mode] = compiled(jax.devices(), mode)
+      new, metrics = sharded_steps[mode](state, batch)
+      facts[mode] = {
+          "sharded_params": sum(any(leaf.sharding.spec) for leaf in jax.tree.leaves(new.params)),
+          "params": max_diff(one.params, new.params),
+          "batch_stats": max_diff(one.batch_stats, new.batch_stats),
+          "loss": abs(float(one_metrics["loss"]) - float(metrics["loss"])),
+      }
+    # Non-finite input on the sharded step, then a good batch: the first changes nothing but the step.
+    bad = dict(batch, image=np.full_like(batch["image"], np.nan))
+    after_bad, bad_metrics = sharded_steps["fsdp"](state, bad)
+    after_good, good_metrics = sharded_steps["fsdp"](after_bad, batch)
+    facts["nonfinite"] = {
+        "flag_bad": int(bad_metrics["nonfinite"]), "flag_good": int(good_metrics["nonfinite"]),
+        "step": int(after_bad.step),
+        "state_change": max_diff((state.params, state.batch_stats, state.opt_state),
+                                 (after_bad.params, after_bad.batch_stats, after_bad.opt_state)),
+        "good_step_change": max_diff(after_bad.params, after_good.params),
+    }
+    # The state after two fsdp steps, saved as a training run would: checkpoint 2 and config.json.
+    workdir = epath.Path(sys.argv[2])
+    manager = checkpoints.create_manager(workdir, keep=1, async_save=False)
+    checkpoints.save(manager, int(after_good.step), after_good)
+    manager.wait_until_finished()
+    train._write_config(workdir, config)
+    flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(
+        {"params": after_good.params, "bn": after_good.batch_stats})}
+    np.savez(workdir / "expected.npz", **flat)
+    facts["saved"] = {"step": int(after_good.step), "sharded_params": sum(
+        not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(after_good.params))}
+    print("FACTS", json.dumps(facts))
+""")
+
+
+@pytest.fixture(scope="session")
+def step_facts(tiny_data_dir, tmp_path_factory):
+  """What STEP_CHECKS measured, plus "workdir": where it saved its 8-device checkpoint."""
+  import json
+  import subprocess
+  workdir = tmp_path_factory.mktemp("saved_on_8")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run([sys.executable, "-c", STEP_CHECKS, str(tiny_data_dir), str(workdir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+  lines = [line for line in result.stdout.splitlines() if line.startswith("FACTS ")]
+  assert result.returncode == 0 and lines, result.stdout + result.stderr[-3000:]
+  return json.loads(lines[-1][len("FACTS "):]) | {"workdir": workdir}

@@ -1,7 +1,6 @@
 """Inference: any input size, padding and crop-back, multi-scale + flip averaging, sliding windows,
 restoring an 8-device checkpoint on one device, and clear errors for bad input."""
 import json
-import os
 import subprocess
 import sys
 
@@ -115,52 +114,21 @@ def test_sliding_window_equals_the_whole_image_where_the_receptive_field_allows(
   assert np.abs(a - b).mean() < 0.08
 
 
-SAVE_ON_8 = r"""
-import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-sys.path.insert(0, "tests")
-import jax, numpy as np
-from conftest import tiny_config
-from deeplab_jax import checkpoints, sharding, train
-from etils import epath
-workdir = epath.Path(sys.argv[1])
-config = tiny_config("/nonexistent")
-config.mesh.param_sharding, config.mesh.fsdp_min_size = "fsdp", 1024
-mesh = sharding.create_mesh()
-abstract = train.abstract_state(config)
-shardings = sharding.state_shardings(abstract, mesh, "fsdp", 1024)
-# Random values (no init compile): what matters is that the arrays are split over 8 devices.
-rng = np.random.default_rng(3)
-state = jax.tree.map(lambda x, s: jax.device_put(rng.normal(size=x.shape).astype(x.dtype), s),
-                     abstract, shardings)
-sharded = sum(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
-              for leaf in jax.tree.leaves(state.params))
-manager = checkpoints.create_manager(workdir, keep=1, async_save=False)
-checkpoints.save(manager, 7, state)
-manager.wait_until_finished()
-train._write_config(workdir, config)
-flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in
-        jax.tree_util.tree_leaves_with_path({"params": state.params, "bn": state.batch_stats})}
-np.savez(workdir / "expected.npz", **flat)
-print(json.dumps({"devices": len(jax.devices()), "sharded_leaves": int(sharded)}))
-"""
-
-
 @pytest.fixture(scope="module")
-def eight_device_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("saved_on_8")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run([sys.executable, "-c", SAVE_ON_8, str(workdir)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  facts = json.loads(result.stdout.strip().splitlines()[-1])
-  return workdir, facts
+def eight_device_workdir(step_facts):
+  """The workdir conftest's 8-device process saved: fsdp-sharded state after 2 steps, config.json."""
+  return step_facts["workdir"], step_facts["saved"]
+
+
+def _workdir_config(workdir):
+  import ml_collections
+  return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
 
 
 def test_a_checkpoint_saved_on_8_devices_restores_on_1(eight_device_workdir):
   import jax
-  workdir, facts = eight_device_workdir
-  assert facts["devices"] == 8 and facts["sharded_leaves"] > 0  # it really was split over 8
+  workdir, saved = eight_device_workdir
+  assert saved["sharded_params"] > 0  # it really was split over the 8 devices
   assert jax.device_count() == 1
   predictor = infer.Predictor.from_workdir(workdir)
   expected = np.load(workdir / "expected.npz")
@@ -171,7 +139,7 @@ def test_a_checkpoint_saved_on_8_devices_restores_on_1(eight_device_workdir):
     np.testing.assert_array_equal(restored[key], expected[key])
   assert predictor.predict(_image(20, 30)).shape == (20, 30)
   # The same checkpoint by path, with the config given.
-  again = infer.Predictor.from_checkpoint(workdir / "checkpoints" / "7", predictor.config)
+  again = infer.Predictor.from_checkpoint(workdir / "checkpoints" / "2", predictor.config)
   np.testing.assert_array_equal(again.predict(_image(20, 30)), predictor.predict(_image(20, 30)))
 
 
@@ -179,13 +147,13 @@ def test_bad_input_gets_one_line_errors(eight_device_workdir, tmp_path):
   workdir, _ = eight_device_workdir
   with pytest.raises(CheckpointError, match=r"holds no config.json: it is not a training workdir"):
     infer.Predictor.from_workdir(tmp_path / "missing")
-  with pytest.raises(CheckpointError, match=r"has no checkpoint at step 3; it has \[7\]"):
+  with pytest.raises(CheckpointError, match=r"has no checkpoint at step 3; it has \[2\]"):
     infer.Predictor.from_workdir(workdir, step=3)
-  config = tiny_config("/nonexistent")
+  config = _workdir_config(workdir)
   config.dataset.num_classes = 21  # a different logits layer than the checkpoint's
   with pytest.raises(CheckpointError, match=r"has params/logits/semantic/bias of shape \(6,\) but this "
                                              r"config's model needs \(21,\); use the config"):
-    infer.Predictor.from_checkpoint(workdir / "checkpoints" / "7", config)
+    infer.Predictor.from_checkpoint(workdir / "checkpoints" / "2", config)
   text = tmp_path / "notes.txt"
   text.write_text("not an image")
   predictor = infer.Predictor.from_workdir(workdir)
@@ -206,3 +174,58 @@ def test_colorize_and_overlay():
   np.testing.assert_array_equal(blended[0, 1], [114, 50, 50])
   with pytest.raises(ValueError, match="palette 'nope' is not known"):
     infer.colorize(labels, "nope")
+
+
+def test_evaluate_at_a_single_scale_matches_the_training_evaluation(eight_device_workdir):
+  """The same checkpoint through `evaluate` (whole images, predictor buckets of 64k+1) and through the
+  training Evaluator (batches padded to the 129 eval crop): the 112-128 px val images pad to 129 either
+  way, so the confusion matrices agree; then a flip strategy writes its own result file."""
+  from deeplab_jax import checkpoints, evaluate, input_pipeline, sharding, train
+  workdir, saved = eight_device_workdir
+  config = _workdir_config(workdir)  # the tiny shapes data, 12 val images
+  results = evaluate.evaluate(config, workdir)
+  mesh = sharding.create_mesh()
+  abstract = train.abstract_state(config)
+  shardings = sharding.state_shardings(abstract, mesh)
+  manager = checkpoints.create_manager(workdir, keep=None, async_save=False, create=False)
+  state = checkpoints.restore(manager, saved["step"], sharding.with_shardings(abstract, shardings))
+  builder = input_pipeline.load_builder(config)
+  reference, _ = train.Evaluator(config, builder, mesh, shardings)(state)
+  assert results["images"] == 12 and results["step"] == saved["step"]
+  np.testing.assert_array_equal(results["confusion_matrix"], reference["confusion_matrix"])
+  assert results["mean_iou"] == pytest.approx(reference["mean_iou"])
+  path = evaluate.write_results(workdir, evaluate.evaluate(config, workdir, flip=True), "val")
+  assert path.name == "2_val_os16_scales1_flip.json"
+  saved = json.loads(path.read_text())
+  assert np.asarray(saved["confusion_matrix"]).sum() == reference["confusion_matrix"].sum()
+
+
+def test_cli_segments_a_folder_of_mixed_sizes_with_few_compilations(eight_device_workdir, tmp_path):
+  from deeplab_jax.datasets import shapes
+  workdir, _ = eight_device_workdir
+  images = tmp_path / "images"
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  sizes = [(100, 130), (128, 128), (90, 117), (60, 80), (129, 129), (115, 121), (50, 64), (70, 100)]
+  for k, (h, w) in enumerate(sizes):
+    image, _ = shapes.generate_example(rng, h, w)
+    Image.fromarray(image).save(images / (f"{k}.jpg" if k % 2 else f"{k}.png"))
+  Image.fromarray(image[..., 0]).save(images / "gray.png")
+  Image.fromarray(np.concatenate([image, np.full((70, 100, 1), 99, np.uint8)], -1)).save(
+      images / "rgba.png")
+  (images / "broken.jpg").write_text("not an image")
+  result = subprocess.run([sys.executable, "-m", "deeplab_jax.infer", f"--workdir={workdir}",
+                           f"--input={images}", f"--output={tmp_path / 'out'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == DataError.exit_code  # all written, one file skipped and named
+  assert "deeplab_jax: skipped: " in result.stderr and "broken.jpg is not an image" in result.stderr
+  last = result.stdout.strip().splitlines()[-1]
+  # 10 images of 8 sizes: the padded sizes 65x65, 65x129, 129x129 -> at most 3 programs.
+  assert last.startswith(f"deeplab_jax: segmented 10 images into {tmp_path / 'out'}; ")
+  programs = int(last.split("; ")[1].split()[0])
+  assert 1 <= programs <= 3
+  for k, (h, w) in enumerate(sizes):
+    mask = Image.open(tmp_path / "out" / f"{k}.png")
+    assert mask.mode == "P" and mask.size == (w, h) and np.asarray(mask).max() < 6
+    assert Image.open(tmp_path / "out" / f"{k}_overlay.jpg").size == (w, h)
+  assert Image.open(tmp_path / "out" / "rgba.png").size == (100, 70)

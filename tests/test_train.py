@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
@@ -121,88 +120,17 @@ def test_a_nonfinite_step_stops_training_with_one_line_naming_the_intact_checkpo
   assert (tmp_path / "checkpoints" / "5").is_dir()  # finalized, not a temporary directory
 
 
-# One 8-device process checks the step two ways, reusing its compiled programs (the MobileNetV2 step
-# compiles in ~15 s on one device, ~35 s on eight): sharded == unsharded, and a non-finite batch
-# leaves the state as it was.
-STEP_CHECKS = textwrap.dedent("""
-    import functools, json, sys
-    import jax, jax.numpy as jnp, numpy as np
-    sys.path.insert(0, "tests")
-    from conftest import tiny_config
-    from deeplab_jax import sharding, train
-    from deeplab_jax.models import create_model
-    assert jax.device_count() == 8
-    config = tiny_config(sys.argv[1])
-    config.model.depth_multiplier = 0.25
-    config.optim.base_lr = 0.007  # the SPEC recipe's rate: see test_eight_device_step_equals_one_device_step
-    config.train.batch_size = 16
-    model, tx = create_model(config), train.create_tx(config)
-    init = functools.partial(train.init_state, model=model, tx=tx)
-    state = jax.jit(init)(jax.random.key(0))  # the real init: 1e-5 holds at its scales
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(0, 255, (16, 33, 33, 3)).astype(np.float32),
-             "label": rng.integers(0, 6, (16, 33, 33)).astype(np.uint8)}
-    batch["label"][:, :4] = 255
-    step = functools.partial(train.train_step, model=model, tx=tx,
-                             schedule=train.learning_rate_schedule(config), loss_config=config.loss,
-                             ignore_label=255, dropout_rng=jax.random.key(1))
-
-    def compiled(devices, mode):
-      mesh = sharding.create_mesh(devices)
-      shard = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, mode, 1024)
-      batch_shard = sharding.batch_sharding(mesh)
-      fn = jax.jit(step, in_shardings=(shard, batch_shard), out_shardings=(shard, sharding.replicated(mesh)))
-      return lambda s, b: fn(jax.device_put(s, shard), sharding.to_global(b, batch_shard))
-
-    def max_diff(x, y):
-      return max((float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y))), default=0.0)
-
-    facts = {}
-    one, one_metrics = compiled(jax.devices()[:1], "replicated")(state, batch)
-    sharded_steps = {}
-    for mode in ("replicated", "fsdp"):
-      sharded_steps[mode] = compiled(jax.devices(), mode)
-      new, metrics = sharded_steps[mode](state, batch)
-      facts[mode] = {
-          "sharded_params": sum(any(leaf.sharding.spec) for leaf in jax.tree.leaves(new.params)),
-          "params": max_diff(one.params, new.params),
-          "batch_stats": max_diff(one.batch_stats, new.batch_stats),
-          "loss": abs(float(one_metrics["loss"]) - float(metrics["loss"])),
-      }
-    # Non-finite input on the sharded step, then a good batch: the first changes nothing but the step.
-    bad = dict(batch, image=np.full_like(batch["image"], np.nan))
-    after_bad, bad_metrics = sharded_steps["fsdp"](state, bad)
-    after_good, good_metrics = sharded_steps["fsdp"](after_bad, batch)
-    facts["nonfinite"] = {
-        "flag_bad": int(bad_metrics["nonfinite"]), "flag_good": int(good_metrics["nonfinite"]),
-        "step": int(after_bad.step),
-        "state_change": max_diff((state.params, state.batch_stats, state.opt_state),
-                                 (after_bad.params, after_bad.batch_stats, after_bad.opt_state)),
-        "good_step_change": max_diff(after_bad.params, after_good.params),
-    }
-    print("FACTS", json.dumps(facts))
-""")
-
-
-@pytest.fixture(scope="module")
-def step_facts(tiny_data_dir):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  result = subprocess.run([sys.executable, "-c", STEP_CHECKS, str(tiny_data_dir)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600, env=env)
-  lines = [l for l in result.stdout.splitlines() if l.startswith("FACTS ")]
-  assert result.returncode == 0 and lines, result.stdout + result.stderr[-3000:]
-  return json.loads(lines[-1][len("FACTS "):])
-
-
 @pytest.mark.parametrize("mode", ["replicated", "fsdp"])
 def test_eight_device_step_equals_one_device_step(step_facts, mode):
   """Synchronized BN and the sharded gradient: one step on 8 CPU devices == the same batch on 1.
 
-  At the recipe's lr 0.007 params differ by ~7e-6; at 0.05 by ~2e-5, because the image-pooling BN over
-  a batch of 16 amplifies summation-order noise in the gradient, and the step scales it by lr."""
+  At the recipe's lr 0.007 params differ by 7e-6 with the shift depthwise and 1.3e-5 with the grouped
+  one the tests use (its gradient sums in another order); at lr 0.05 by ~2e-5 and more, because the
+  image-pooling BN over a batch of 16 amplifies summation-order noise and the step scales it by lr.
+  A real sharding bug (unsynchronized BN, a gradient summed over one shard) moves params by the
+  whole update, ~1e-3."""
   facts = step_facts[mode]
-  assert max(facts["params"], facts["batch_stats"], facts["loss"]) < 1e-5, facts
+  assert max(facts["params"], facts["batch_stats"], facts["loss"]) < 2e-5, facts
   assert (facts["sharded_params"] > 0) == (mode == "fsdp"), facts
 
 

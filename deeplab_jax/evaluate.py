@@ -1,0 +1,105 @@
+"""Mean IoU of a checkpoint on the validation split with the paper's inference strategies (Table 3).
+
+  python -m deeplab_jax.evaluate --config=configs/voc_xception.py --workdir=DIR \\
+      [--step=N --scales=0.5,0.75,1.0,1.25,1.5,1.75 --flip --output_stride=8]
+
+Each validation image is predicted at its own size by `infer.Predictor` (eval output stride,
+multi-scale inputs, left-right flip, sliding window beyond the eval crop); the confusion matrix and
+mean IoU use the training evaluation's metric code. Results go to DIR/eval/<step>_<strategy>.json.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+from absl import app, flags, logging
+from etils import epath
+import jax
+import numpy as np
+
+from deeplab_jax import datasets, infer, input_pipeline, metrics, runtime
+from deeplab_jax.errors import UserError
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _confusion(labels, predictions, num_classes: int, ignore_label: int):
+  return metrics.confusion_matrix(labels, predictions, num_classes, ignore_label=ignore_label)
+
+
+def strategy_name(predictor: infer.Predictor) -> str:
+  scales = "+".join(f"{s:g}" for s in predictor.scales)
+  return f"os{predictor.output_stride}_scales{scales}" + ("_flip" if predictor.flip else "")
+
+
+def evaluate(config, workdir, step: int | None = None, **options) -> dict:
+  """{"mean_iou", "per_class_iou", "pixel_accuracy", "confusion_matrix", "step", "strategy"} over
+  the config's eval split; `options` go to `infer.Predictor` (scales, flip, output_stride)."""
+  predictor = infer.Predictor.from_workdir(workdir, step, config=config, **options)
+  builder = input_pipeline.load_builder(config)
+  num_classes, ignore = int(config.dataset.num_classes), int(config.dataset.ignore_label)
+  total = np.zeros((num_classes, num_classes), np.int64)
+  count = 0
+  for example in input_pipeline.as_numpy(input_pipeline.eval_examples(builder, config)):
+    label = example["label"]
+    prediction = predictor.predict(example["image"])
+    # Padded to the predictor's grid (ignored pixels) so that the metric compiles per bucket only.
+    shape = tuple(infer.grid_size(d, predictor.bucket) for d in label.shape)
+    padded_label = np.full(shape, ignore, np.uint8)
+    padded_label[:label.shape[0], :label.shape[1]] = label
+    padded_prediction = np.zeros(shape, prediction.dtype)
+    padded_prediction[:label.shape[0], :label.shape[1]] = prediction
+    total += np.asarray(_confusion(padded_label, padded_prediction, num_classes, ignore), np.int64)
+    count += 1
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
+    count = int(np.asarray(multihost_utils.process_allgather(np.int64(count))).sum())
+  results = metrics.metrics_from_confusion(total)
+  names = datasets.class_names(config.dataset.name, num_classes, builder.info.metadata)
+  results.update(step=predictor.step, strategy=strategy_name(predictor), images=count,
+                 class_names=list(names), confusion_matrix=total)
+  return results
+
+
+def write_results(workdir, results: dict, split: str) -> epath.Path:
+  path = epath.Path(workdir) / "eval" / f"{results['step']}_{split}_{results['strategy']}.json"
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {k: v for k, v in results.items() if k != "confusion_matrix"}
+    payload["confusion_matrix"] = np.asarray(results["confusion_matrix"]).tolist()
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+  return path
+
+
+def _define_flags():
+  from ml_collections import config_flags
+  flags.DEFINE_string("workdir", None, "The training workdir whose checkpoint to evaluate.")
+  config_flags.DEFINE_config_file("config", None, "The config it was trained with (data, model).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_list("scales", ["1.0"], "Input scales to average (VOC: 0.5,0.75,1.0,1.25,1.5,1.75).")
+  flags.DEFINE_bool("flip", False, "Also average the left-right flipped input.")
+  flags.DEFINE_integer("output_stride", None, "Eval output stride (8, 16, 32; default: the config's).")
+  flags.mark_flags_as_required(["workdir", "config"])
+
+
+def main(argv):
+  del argv
+  FLAGS = flags.FLAGS
+  runtime.enable_compilation_cache()
+  runtime.quiet_library_logs()
+  try:
+    results = evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step, output_stride=FLAGS.output_stride,
+                       scales=[float(s) for s in FLAGS.scales], flip=FLAGS.flip)
+  except UserError as e:
+    print(f"deeplab_jax: error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  path = write_results(FLAGS.workdir, results, FLAGS.config.dataset.eval_split)
+  logging.info("per class: %s", dict(zip(results["class_names"], results["per_class_iou"])))
+  print(f"deeplab_jax: mean IoU {results['mean_iou']:.4f} ({results['strategy']}, step "
+        f"{results['step']}, {results['images']} images; {path})")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
