@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 
 from absl import app, flags, logging
 from etils import epath
@@ -19,7 +18,6 @@ import jax
 import numpy as np
 
 from deeplab_jax import datasets, infer, input_pipeline, metrics, runtime
-from deeplab_jax.errors import UserError
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
@@ -76,24 +74,15 @@ def _define_flags():
   from ml_collections import config_flags
   flags.DEFINE_string("workdir", None, "The training workdir whose checkpoint to evaluate.")
   config_flags.DEFINE_config_file("config", None, "The config it was trained with (data, model).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_list("scales", ["1.0"], "Input scales to average (VOC: 0.5,0.75,1.0,1.25,1.5,1.75).")
-  flags.DEFINE_bool("flip", False, "Also average the left-right flipped input.")
-  flags.DEFINE_integer("output_stride", None, "Eval output stride (8, 16, 32; default: the config's).")
+  infer.define_strategy_flags()
   flags.mark_flags_as_required(["workdir", "config"])
 
 
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
-  runtime.enable_compilation_cache()
-  runtime.quiet_library_logs()
-  try:
-    results = evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step, output_stride=FLAGS.output_stride,
-                       scales=[float(s) for s in FLAGS.scales], flip=FLAGS.flip)
-  except UserError as e:
-    print(f"deeplab_jax: error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+  results = runtime.run_command(lambda: evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step,
+                                                 **infer.strategy_options(FLAGS)))
   path = write_results(FLAGS.workdir, results, FLAGS.config.dataset.eval_split)
   logging.info("per class: %s", dict(zip(results["class_names"], results["per_class_iou"])))
   print(f"deeplab_jax: mean IoU {results['mean_iou']:.4f} ({results['strategy']}, step "

@@ -309,16 +309,28 @@ def image_files(path) -> Iterable[epath.Path]:
 
 # --- command line ----------------------------------------------------------------------------------
 
+def define_strategy_flags():
+  """--step, --scales, --flip, --output_stride: shared by the infer and evaluate commands."""
+  from absl import flags
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_list("scales", ["1.0"], "Input scales to average (VOC: 0.5,0.75,1.0,1.25,1.5,1.75).")
+  flags.DEFINE_bool("flip", False, "Also average the left-right flipped input.")
+  flags.DEFINE_integer("output_stride", None, "Eval output stride (8, 16, 32; default: the config's).")
+
+
+def strategy_options(flag_values) -> dict:
+  """Predictor options from the strategy flags."""
+  return dict(output_stride=flag_values.output_stride, flip=flag_values.flip,
+              scales=[float(s) for s in flag_values.scales])
+
+
 def _define_flags():
   from absl import flags
   flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("input", None, "An image file or a folder of images.")
   flags.DEFINE_string("output", None, "Folder for <name>.png label maps and <name>_overlay.jpg.")
-  flags.DEFINE_list("scales", ["1.0"], "Input scales to average, e.g. 0.5,0.75,1.0,1.25,1.5,1.75.")
-  flags.DEFINE_bool("flip", False, "Also average the left-right flipped input.")
-  flags.DEFINE_integer("output_stride", None, "Eval output stride (8, 16, 32; default: the config's).")
   flags.DEFINE_float("alpha", 0.5, "Label weight in the overlays.")
+  define_strategy_flags()
   flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
@@ -356,27 +368,25 @@ def segment_folder(predictor: Predictor, inputs, output, alpha: float = 0.5) -> 
   return written, skipped
 
 
+def _segment_command(flag_values) -> tuple[Predictor, int, list[str]]:
+  predictor = Predictor.from_workdir(flag_values.workdir, flag_values.step,
+                                     **strategy_options(flag_values))
+  if not epath.Path(flag_values.input).exists():
+    raise DataError(f"--input={flag_values.input} does not exist; give an image file or a folder of "
+                    f"images")
+  inputs = image_files(flag_values.input)
+  if not inputs:
+    raise DataError(f"--input={flag_values.input} holds no .jpg/.png/... images")
+  return (predictor, *segment_folder(predictor, inputs, flag_values.output, flag_values.alpha))
+
+
 def main(argv):
   import sys
   from absl import flags
   from deeplab_jax import runtime
-  from deeplab_jax.errors import UserError
   del argv
   FLAGS = flags.FLAGS
-  runtime.enable_compilation_cache()
-  runtime.quiet_library_logs()
-  try:
-    predictor = Predictor.from_workdir(FLAGS.workdir, FLAGS.step, output_stride=FLAGS.output_stride,
-                                       scales=[float(s) for s in FLAGS.scales], flip=FLAGS.flip)
-    inputs = image_files(FLAGS.input)
-    if not epath.Path(FLAGS.input).exists():
-      raise DataError(f"--input={FLAGS.input} does not exist; give an image file or a folder of images")
-    if not inputs:
-      raise DataError(f"--input={FLAGS.input} holds no .jpg/.png/... images")
-    written, skipped = segment_folder(predictor, inputs, FLAGS.output, FLAGS.alpha)
-  except UserError as e:
-    print(f"deeplab_jax: error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+  predictor, written, skipped = runtime.run_command(lambda: _segment_command(FLAGS))
   for reason in skipped:
     print(f"deeplab_jax: skipped: {reason}", file=sys.stderr)
   shapes = sorted(predictor.compiled_shapes)

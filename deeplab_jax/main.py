@@ -6,14 +6,11 @@ Only flags live here; the work is in `train.train_and_evaluate(config, workdir)`
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
 from deeplab_jax import runtime, train
-from deeplab_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and summaries (local or gs://).")
@@ -24,15 +21,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  runtime.enable_compilation_cache()
-  runtime.quiet_library_logs()
-  logging.info("JAX process %d / %d, local devices: %s", jax.process_index(), jax.process_count(),
-               jax.local_devices())
-  try:
+
+  def run():
+    logging.info("JAX process %d / %d, local devices: %s", jax.process_index(), jax.process_count(),
+                 jax.local_devices())
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except UserError as e:
-    print(f"deeplab_jax: error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+
+  runtime.run_command(run)
 
 
 if __name__ == "__main__":

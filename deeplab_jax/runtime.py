@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging as logging_lib
 import os
+import sys
 
 from absl import logging as absl_logging
 import jax
@@ -32,3 +33,17 @@ class _DropLibraryInfo(logging_lib.Filter):
 
 def quiet_library_logs() -> None:
   absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
+
+
+def run_command(fn, *, compile_cache: bool = True):
+  """The command lines' shared setup: compilation cache, quiet library logs, and a UserError turned
+  into one stderr line and its exit code instead of a traceback."""
+  from deeplab_jax.errors import UserError
+  if compile_cache:
+    enable_compilation_cache()
+  quiet_library_logs()
+  try:
+    return fn()
+  except UserError as e:
+    print(f"deeplab_jax: error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)

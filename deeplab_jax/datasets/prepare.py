@@ -11,12 +11,9 @@ Then trains can use `--config.dataset.data_dir=<data_dir>`.
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
 from deeplab_jax import datasets, runtime
-from deeplab_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("manual_dir", None, "Folder holding the downloaded archives (or their contents).")
@@ -28,13 +25,9 @@ flags.DEFINE_integer("ignore_label", 255, "folder_segmentation only: the mask va
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError(f"give one data set name: {', '.join(sorted(datasets.DATASETS))}")
-  runtime.quiet_library_logs()
-  try:
-    sizes = datasets.prepare(argv[1], FLAGS.manual_dir, FLAGS.data_dir,
-                             num_classes=FLAGS.num_classes, ignore_label=FLAGS.ignore_label)
-  except UserError as e:
-    print(f"deeplab_jax: error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+  sizes = runtime.run_command(lambda: datasets.prepare(
+      argv[1], FLAGS.manual_dir, FLAGS.data_dir, num_classes=FLAGS.num_classes,
+      ignore_label=FLAGS.ignore_label), compile_cache=False)
   splits = ", ".join(f"{split} {count:,}" for split, count in sorted(sizes.items()))
   print(f"deeplab_jax: prepared {argv[1]} in {FLAGS.data_dir or 'the TFDS default data dir'}: {splits}")
 
