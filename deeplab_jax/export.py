@@ -1,0 +1,84 @@
+"""Export a trained DeepLab as a TensorFlow SavedModel (jax2tf), for TF Serving and TF users.
+
+  python -m deeplab_jax.export --workdir=/tmp/deeplab_shapes --output=/tmp/deeplab_shapes_savedmodel
+
+The `serving_default` signature takes `images`, a uint8 batch (B, H, W, 3) of any batch size and any
+H, W up to the eval crop, and returns `labels`, uint8 (B, H, W) class ids. Inside, the batch is padded
+with 127.5 to the eval crop (`config.eval.crop_size`, where the network is compiled), as the official
+evaluation does, and the labels are cropped back. Larger images: tile or resize them first, or use
+`deeplab_jax.infer.Predictor`. The network is serialized as StableHLO (jax2tf native serialization),
+so the SavedModel runs in TensorFlow and TF Serving on CPU and GPU; TFLite cannot run that op.
+"""
+from __future__ import annotations
+
+from absl import app, flags
+from etils import epath
+import jax.numpy as jnp
+
+from deeplab_jax import infer, runtime
+
+
+def export(predictor: infer.Predictor, output) -> epath.Path:
+  """Write the SavedModel of `predictor`'s network (at its eval output stride) to `output`."""
+  import tensorflow as tf
+  from jax.experimental import jax2tf
+
+  crop_h, crop_w = predictor.window
+  model, variables = predictor.model, predictor.variables
+
+  def labels_at_crop(images):  # float32 (B, crop_h, crop_w, 3) in [0, 255]
+    logits = infer._forward(model, variables, images)
+    return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+
+  network = jax2tf.convert(labels_at_crop, polymorphic_shapes=[f"(b, {crop_h}, {crop_w}, 3)"],
+                           with_gradient=False)
+
+  @tf.function(autograph=False,
+               input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+  def serve(images):
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+    check = tf.debugging.assert_less_equal(
+        tf.stack([height, width]), tf.constant([crop_h, crop_w]),
+        message=f"images must be at most {crop_h}x{crop_w} (the eval crop); tile or resize them")
+    with tf.control_dependencies([check]):
+      padded = tf.pad(tf.cast(images, tf.float32),
+                      [[0, 0], [0, crop_h - height], [0, crop_w - width], [0, 0]],
+                      constant_values=infer.PAD_VALUE)
+    padded = tf.ensure_shape(padded, [None, crop_h, crop_w, 3])
+    labels = network(padded)  # float32: the 127.5 padding is not a uint8 value
+    return {"labels": labels[:, :height, :width]}
+
+  module = tf.Module()
+  module.serve = serve
+  output = epath.Path(output)
+  tf.saved_model.save(module, str(output), signatures={"serving_default": serve})
+  return output
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  flags.DEFINE_string("workdir", None, "The training workdir to export (latest checkpoint).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("output", None, "SavedModel directory to write.")
+  flags.DEFINE_integer("output_stride", None, "Eval output stride (8, 16, 32; default: the config's).")
+  flags.mark_flags_as_required(["workdir", "output"])
+
+
+def main(argv):
+  del argv
+
+  def run():
+    predictor = infer.Predictor.from_workdir(FLAGS.workdir, FLAGS.step,
+                                             output_stride=FLAGS.output_stride)
+    return predictor, export(predictor, FLAGS.output)
+
+  predictor, path = runtime.run_command(run)
+  print(f"deeplab_jax: exported step {predictor.step} (output stride {predictor.output_stride}, "
+        f"images up to {predictor.window[0]}x{predictor.window[1]}) to {path}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
