@@ -11,7 +11,7 @@ import dataclasses
 from etils import epath
 import numpy as np
 
-from deeplab_jax.datasets import ade20k, cityscapes, folder, shapes, voc  # noqa: F401 (registers)
+from deeplab_jax.datasets import ade20k, cityscapes, folder, manual, shapes, voc  # noqa: F401 (registers)
 from deeplab_jax.errors import ConfigError, DataError
 
 
@@ -95,7 +95,7 @@ def missing_files(name: str, manual_dir: epath.Path) -> list[str]:
   """What the manual dir lacks for `name`, each as 'archive (or folder/)'."""
   missing = []
   for archive, inner in entry(name).needs:
-    if not ((manual_dir / archive).exists() or (inner and (manual_dir / inner).is_dir())):
+    if not manual.present(manual_dir, archive, inner):
       missing.append(archive if not inner or inner == archive else f"{archive} (or its {inner}/ folder)")
   return missing
 

@@ -46,8 +46,9 @@ def source_root(manual_dir: epath.Path, archive: str, inner: str, dl_manager) ->
   return root
 
 
-def present(manual_dir: epath.Path, archive: str, inner: str) -> bool:
-  return (manual_dir / archive).exists() or (manual_dir / inner).is_dir()
+def present(manual_dir: epath.Path, archive: str, inner: str | None) -> bool:
+  """What `source_root` accepts: the archive, or (when there is one) its extracted folder."""
+  return (manual_dir / archive).exists() or bool(inner and (manual_dir / inner).is_dir())
 
 
 def read_ids(path: epath.Path) -> list[str]:
