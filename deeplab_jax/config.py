@@ -14,7 +14,7 @@ BACKBONE_NAMES = ("xception_41", "xception_65", "xception_71", "resnet_50_beta",
                   "resnet_50", "resnet_101", "mobilenet_v2")
 OUTPUT_STRIDES = (8, 16, 32)
 DTYPES = ("float32", "bfloat16")
-DEPTHWISE_IMPLS = ("auto", "grouped", "shift")
+DEPTHWISE_IMPLS = ("auto", "grouped", "shift", "native")
 PARAM_SHARDINGS = ("replicated", "fsdp")
 # ASPP rates at output stride 16 (SPEC section 5); other strides scale them by 16 / OS.
 ATROUS_RATES_AT_OS16 = (6, 12, 18)
@@ -38,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.depth_multiplier = 1.0
   config.model.dtype = "float32"  # "bfloat16": bfloat16 compute, float32 parameters, loss and logits
   config.model.freeze_bn = False  # True: BN uses moving statistics (small global batches)
-  config.model.depthwise_impl = "auto"  # "grouped" (reference), "shift", or "auto" per backend
+  config.model.depthwise_impl = "auto"  # "grouped" (reference), "shift", "native"; "auto": per backend
   # BatchNorm moving-average decay for every layer; None keeps each network's own (0.9997 Xception,
   # MobileNetV2 and heads; 0.95 ResNet), which suits long fine-tuning runs.
   config.model.bn_momentum = config_dict.placeholder(float)

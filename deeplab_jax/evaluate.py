@@ -9,6 +9,11 @@ mean IoU use the training evaluation's metric code. Results go to DIR/eval/<step
 """
 from __future__ import annotations
 
+from deeplab_jax import allocator
+
+if __name__ == "__main__":  # first, before jax and TensorFlow load: see allocator.py
+  allocator.reexec_with_fast_allocator()
+
 import functools
 import json
 

@@ -14,6 +14,11 @@ the network runs on the device; resizing and averaging run in NumPy so that they
 """
 from __future__ import annotations
 
+from deeplab_jax import allocator
+
+if __name__ == "__main__":  # first, before jax and TensorFlow load: see allocator.py
+  allocator.reexec_with_fast_allocator()
+
 import functools
 import json
 import math

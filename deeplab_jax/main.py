@@ -6,6 +6,11 @@ Only flags live here; the work is in `train.train_and_evaluate(config, workdir)`
 """
 from __future__ import annotations
 
+from deeplab_jax import allocator
+
+if __name__ == "__main__":  # first, before jax and TensorFlow load: see allocator.py
+  allocator.reexec_with_fast_allocator()
+
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags

@@ -91,6 +91,21 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, loss_conf
                      "nonfinite": (~finite).astype(jnp.int32)}
 
 
+def state_shardings(config, abstract_state, mesh) -> TrainState:
+  return sharding.state_shardings(abstract_state, mesh, config.mesh.param_sharding,
+                                  int(config.mesh.fsdp_min_size))
+
+
+def jit_train_step(config, model, tx, mesh, state_sh, dropout_rng):
+  """The train step jitted over `mesh`: the state keeps its shardings and is donated, the batch is
+  split over the data axis, the metrics are replicated. Training and the benchmarks run this."""
+  step = functools.partial(train_step, model=model, tx=tx, schedule=learning_rate_schedule(config),
+                           loss_config=config.loss, ignore_label=int(config.dataset.ignore_label),
+                           dropout_rng=dropout_rng)
+  return jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
 def eval_step(params, batch_stats, batch: dict, *, model, num_classes: int, ignore_label: int):
   """Confusion matrix of one padded batch (masked examples and ignored pixels excluded), predictions."""
   logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=False)
@@ -198,12 +213,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   model = create_model(config)
   tx = create_tx(config)
-  schedule = learning_rate_schedule(config)
   init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
   init_fn = functools.partial(init_state, model=model, tx=tx)
   abstract_state = jax.eval_shape(init_fn, init_rng)
-  state_sh = sharding.state_shardings(abstract_state, mesh, config.mesh.param_sharding,
-                                      int(config.mesh.fsdp_min_size))
+  state_sh = state_shardings(config, abstract_state, mesh)
 
   manager = checkpoints.create_manager(workdir, keep=int(config.checkpoint.keep),
                                        async_save=bool(config.checkpoint.async_save))
@@ -234,11 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     if start_step < total_steps:
       batch_sh = sharding.batch_sharding(mesh)
-      step_fn = jax.jit(
-          functools.partial(train_step, model=model, tx=tx, schedule=schedule, loss_config=config.loss,
-                            ignore_label=int(config.dataset.ignore_label), dropout_rng=dropout_rng),
-          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
-          donate_argnums=(0,))
+      step_fn = jit_train_step(config, model, tx, mesh, state_sh, dropout_rng)
       batches = input_pipeline.as_numpy(input_pipeline.train_dataset(builder, config, start_step))
       report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                                every_steps=int(config.train.log_every_steps))

@@ -55,20 +55,6 @@ def test_depthwise_equals_dense_and_numpy(size, stride, rate, impl):
   np.testing.assert_allclose(dense, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("stride,rate", [(1, 1), (2, 1), (1, 2), (1, 6), (2, 3)])
-def test_shift_depthwise_gradients_equal_the_reference(stride, rate):
-  rng = np.random.default_rng(stride * 10 + rate)
-  x = jnp.asarray(rng.normal(size=(2, 11, 12, 4)).astype(np.float32))
-  w = jnp.asarray(rng.normal(size=(3, 3, 1, 4)).astype(np.float32))
-  cotangent = jnp.asarray(rng.normal(size=layers.depthwise_conv2d(x, w, stride, rate).shape)
-                          .astype(np.float32))
-  grads = {impl: jax.grad(lambda x, w: jnp.sum(layers.depthwise_conv2d(x, w, stride, rate, impl=impl)
-                                                * cotangent), argnums=(0, 1))(x, w)
-           for impl in layers.DEPTHWISE_IMPLS}
-  for ref, got in zip(grads["grouped"], grads["shift"]):
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-
-
 def test_layer_options_select_the_formulation_and_bn_momentum():
   model = layers.ConvBN(kernel_size=3, depthwise=True)
   x = jnp.ones((1, 5, 5, 2))

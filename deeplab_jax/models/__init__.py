@@ -35,11 +35,17 @@ def create_model(config, output_stride: int | None = None) -> DeepLab:
 
 
 def resolve_depthwise_impl(impl: str) -> str:
-  """'auto' picks per backend: on CPU "shift" measured 3-4x faster per train step than "grouped"
-  (MobileNetV2 and Xception DeepLabs, PERF_NOTES.md); elsewhere the reference until measured there."""
+  """'auto' picks what measured fastest per backend (benchmarks/README.md).
+
+  CPU: the native kernel on one device (it falls back to "shift" when not built or not float32);
+  over several devices "shift", which XLA partitions like any other op. Elsewhere the reference
+  until measured there.
+  """
   if impl != "auto":
     return impl
-  return "shift" if jax.default_backend() == "cpu" else "grouped"
+  if jax.default_backend() != "cpu":
+    return "grouped"
+  return "native" if jax.device_count() == 1 else "shift"
 
 
 __all__ = ["BACKBONES", "DeepLab", "create_model", "resolve_depthwise_impl", "upsample_logits"]

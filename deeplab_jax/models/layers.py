@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deeplab_jax.models import depthwise as depthwise_lib
+from deeplab_jax.models.depthwise import explicit_padding  # noqa: F401  (re-exported)
+
 Array = jax.Array
 Dtype = Any
 Activation = Optional[Callable[[Array], Array]]
@@ -27,17 +30,6 @@ class BatchNormConfig:
   """Per-network BatchNorm settings; flax `momentum` is TF's `decay`."""
   momentum: float
   epsilon: float
-
-
-def explicit_padding(kernel_size: int, rate: int = 1) -> tuple[int, int]:
-  """The official `fixed_padding` rule: pad for the dilated kernel, extra pixel at the end.
-
-  At stride 1 this is exactly TF's SAME, so it is used for every conv: one rule, no even/odd surprises.
-  """
-  effective = kernel_size + (kernel_size - 1) * (rate - 1)
-  total = effective - 1
-  begin = total // 2
-  return begin, total - begin
 
 
 def conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1, groups: int = 1) -> Array:
@@ -58,7 +50,7 @@ def conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1, groups: int 
       dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=groups)
 
 
-DEPTHWISE_IMPLS = ("grouped", "shift")
+DEPTHWISE_IMPLS = ("grouped",) + tuple(depthwise_lib.IMPLS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,33 +88,17 @@ def depthwise_conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1,
                      impl: Optional[str] = None) -> Array:
   """Depthwise conv with one (kh, kw, 1, C) filter per channel.
 
-  "grouped" is the reference: `feature_group_count=C`. "shift" sums kh*kw strided slices of the padded
-  input times each tap's weights: the same math, and several times faster on XLA:CPU (PERF_NOTES.md).
+  "grouped" is the reference: `feature_group_count=C`. The others (models/depthwise.py) compute the
+  same math as other programs: several times faster on XLA:CPU (PERF_NOTES.md).
   """
   if kernel.shape[2] != 1 or kernel.shape[3] != x.shape[-1]:
     raise ValueError(f"depthwise kernel {kernel.shape} does not fit input channels {x.shape[-1]}")
   impl = impl or _options.get().depthwise_impl
   if impl == "grouped":
     return conv2d(x, kernel, stride, rate, groups=x.shape[-1])
-  if impl != "shift":
+  if impl not in depthwise_lib.IMPLS:
     raise ValueError(f"depthwise implementation {impl!r}: choose one of {', '.join(DEPTHWISE_IMPLS)}")
-  return _depthwise_shift(x, kernel, stride, rate)
-
-
-def _depthwise_shift(x: Array, kernel: Array, stride: int, rate: int) -> Array:
-  kh, kw = kernel.shape[:2]
-  x = jnp.pad(x, ((0, 0), explicit_padding(kh, rate), explicit_padding(kw, rate), (0, 0)))
-  n, hp, wp, c = x.shape
-  out_h = (hp - (kh - 1) * rate - 1) // stride + 1
-  out_w = (wp - (kw - 1) * rate - 1) // stride + 1
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      start = (0, i * rate, j * rate, 0)
-      limit = (n, i * rate + (out_h - 1) * stride + 1, j * rate + (out_w - 1) * stride + 1, c)
-      tap = lax.slice(x, start, limit, (1, stride, stride, 1)) * kernel[i, j, 0]
-      out = tap if out is None else out + tap
-  return out
+  return depthwise_lib.IMPLS[impl](x, kernel, stride, rate)
 
 
 def _source_coordinates(in_size: int, out_size: int):

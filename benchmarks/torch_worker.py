@@ -1,0 +1,57 @@
+"""The PyTorch side of compare_torch.py, in its own process so each framework runs with its own best
+allocator (jemalloc made PyTorch slower, PERF_NOTES.md). Reads "train N" / "infer N" lines, runs N
+steps, prints one JSON list of step times per line; idle while the JAX side runs."""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_deeplab  # noqa: E402
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--size", type=int, required=True)
+  parser.add_argument("--batch", type=int, required=True)
+  parser.add_argument("--num_classes", type=int, default=21)
+  args = parser.parse_args()
+  torch.manual_seed(0)
+  model = torch_deeplab.DeepLabV3Plus(args.num_classes)
+  optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=4e-5)
+  images = torch.rand(args.batch, 3, args.size, args.size) * 255
+  labels = torch.randint(0, args.num_classes, (args.batch, args.size, args.size))
+
+  def train_step():
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    logits = torch_deeplab.resize(model(images), labels.shape[1:])
+    F.cross_entropy(logits, labels, ignore_index=255).backward()
+    optimizer.step()
+
+  @torch.inference_mode()
+  def infer_step():
+    model.eval()
+    torch_deeplab.resize(model(images), images.shape[2:])
+
+  steps = {"train": train_step, "infer": infer_step}
+  info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+          "params": torch_deeplab.parameter_count(model),
+          "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system"}
+  print(json.dumps(info), flush=True)
+  for line in sys.stdin:
+    mode, count = line.split()
+    times = []
+    for _ in range(int(count)):
+      start = time.perf_counter()
+      steps[mode]()
+      times.append(time.perf_counter() - start)
+    print(json.dumps(times), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,37 @@
+"""The benchmark harness runs and reports its figures; the PyTorch reference is the same network."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_FLAGS, load_config
+
+
+def test_run_prints_the_issue_figures_as_one_json_line():
+  flags = [f for f in TINY_FLAGS if not f.startswith("--config.dataset")]
+  result = subprocess.run(
+      [sys.executable, "benchmarks/run.py", "--config=configs/shapes.py", "--size=33", "--batch=2",
+       "--mode=infer", "--steps=2", "--warmup=1", *flags], cwd=REPO, capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  for key in ("compile_s", "step_s", "images_per_s", "peak_mem_gb", "gmacs", "gflops_per_s",
+              "matmul_gflops_per_s", "roofline_ratio", "page_faults_per_step"):
+    assert out[key] >= 0, key
+  assert out["step_s"] > 0 and out["gmacs"] > 0 and out["matmul_gflops_per_s"] > 0
+  assert out["images_per_s"] == pytest.approx(2 / out["step_s"], rel=0.02)
+  assert out["depthwise_impl"] == "grouped" and out["size"] == 33 and out["batch"] == 2
+
+
+def test_the_pytorch_reference_has_the_jax_models_parameters():
+  pytest.importorskip("torch")
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import torch_deeplab
+  from deeplab_jax.models import complexity
+  config = load_config(os.path.join(REPO, "configs", "voc_xception.py"))
+  jax_stats = complexity.model_stats(config, 65)
+  model = torch_deeplab.DeepLabV3Plus(21)
+  assert torch_deeplab.parameter_count(model) == jax_stats["params"] == 41_055_413
+  assert torch_deeplab.buffer_count(model) == jax_stats["batch_stats"]
