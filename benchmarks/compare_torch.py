@@ -5,7 +5,7 @@
 
 Times the JAX train step and inference forward with the config's depthwise formulation (default
 "auto") and with the reference ("grouped"), and PyTorch's (benchmarks/torch_deeplab.py, a separate
-process with the default allocator), alternating in rounds so that the machine's drift hits all
+process with glibc's allocator unless --torch_allocator=fast), alternating in rounds so that the machine's drift hits all
 alike. Prints per-variant medians, then one JSON line with the ratios JAX/PyTorch (below 1: JAX is
 faster) and the compile time of the JAX train step.
 """
@@ -34,12 +34,17 @@ flags.DEFINE_integer("batch", 2, "Batch size.")
 flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
 flags.DEFINE_integer("steps", 5, "Timed steps per variant and round (the reference: 2).")
 flags.DEFINE_bool("reference", True, "Also time the reference grouped formulation.")
+flags.DEFINE_enum("torch_allocator", "system", ["system", "fast"],
+                  "PyTorch's allocator: glibc's, or the one the JAX side gets (allocator.py).")
 FLAGS = flags.FLAGS
 
 
 class TorchWorker:
-  def __init__(self, size: int, batch: int, num_classes: int):
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "_DEEPLAB_JAX_REEXEC")}
+  def __init__(self, size: int, batch: int, num_classes: int, fast_allocator: bool):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "_DEEPLAB_JAX_REEXEC", *allocator.SETTINGS)}
+    if fast_allocator and allocator.find():
+      env |= allocator.SETTINGS | {"LD_PRELOAD": allocator.find()}
     self.process = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "torch_worker.py"), f"--size={size}", f"--batch={batch}",
          f"--num_classes={num_classes}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -67,7 +72,8 @@ def main(argv):
     variants["jax_reference"] = reference
   steps = {(name, mode): harness.build(cfg, FLAGS.size, FLAGS.batch, mode)
            for name, cfg in variants.items() for mode in ("train", "infer")}
-  worker = TorchWorker(FLAGS.size, FLAGS.batch, int(config.dataset.num_classes))
+  worker = TorchWorker(FLAGS.size, FLAGS.batch, int(config.dataset.num_classes),
+                       FLAGS.torch_allocator == "fast")
   print(f"torch {worker.info}", flush=True)
   times = {key: [] for key in list(steps) + [("torch", "train"), ("torch", "infer")]}
   for step in steps.values():  # warm-up

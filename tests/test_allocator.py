@@ -13,7 +13,8 @@ CHILD = """
 import json, os, sys
 from deeplab_jax import allocator
 allocator.reexec_with_fast_allocator()
-print(json.dumps({"loaded": allocator.loaded(), "argv": sys.argv[1:], "pid": os.getpid()}))
+print(json.dumps({"loaded": allocator.loaded(), "argv": sys.argv[1:], "pid": os.getpid(),
+                  "conf": os.environ.get("MALLOC_CONF")}))
 """
 
 
@@ -33,6 +34,8 @@ def test_restarts_under_the_installed_allocator_with_the_same_arguments(tmp_path
   out = run_child(tmp_path)
   assert out["loaded"] in ("jemalloc", "tcmalloc")
   assert out["argv"] == ["--a=1", "b c"]
+  assert out["conf"] == allocator.SETTINGS["MALLOC_CONF"]  # never purge: no per-step page faults
+  assert run_child(tmp_path, MALLOC_CONF="narenas:2")["conf"] == "narenas:2"  # the user's wins
 
 
 def test_opting_out_keeps_the_system_allocator(tmp_path):

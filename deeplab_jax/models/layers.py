@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from deeplab_jax.models import depthwise as depthwise_lib
+from deeplab_jax.models.batch_norm import BatchNorm
 from deeplab_jax.models.depthwise import explicit_padding  # noqa: F401  (re-exported)
 
 Array = jax.Array
@@ -42,7 +43,9 @@ def conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1, groups: int 
   if kh == kw == 1 and groups == 1:
     if stride > 1:
       x = x[:, ::stride, ::stride, :]
-    return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+    n, h, w, c = x.shape
+    y = lax.dot_general(x.reshape(n * h * w, c), kernel[0, 0], (((1,), (0,)), ((), ())))
+    return y.reshape(n, h, w, kernel.shape[-1])
   rates = (rate, rate) if kh > 1 or kw > 1 else (1, 1)
   padding = (explicit_padding(kh, rates[0]), explicit_padding(kw, rates[1]))
   return lax.conv_general_dilated(
@@ -177,9 +180,8 @@ class ConvBN(nn.Module):
       y = y + self.param("bias", nn.initializers.zeros, (shape[-1],), jnp.float32).astype(self.dtype)
     if self.use_bn:
       momentum = _options.get().bn_momentum or self.bn.momentum
-      y = nn.BatchNorm(use_running_average=not train, momentum=momentum,
-                       epsilon=self.bn.epsilon, dtype=self.dtype, param_dtype=jnp.float32,
-                       name="bn")(y)
+      y = BatchNorm(use_running_average=not train, momentum=momentum, epsilon=self.bn.epsilon,
+                    dtype=self.dtype, name="bn")(y)
     if self.activation is not None:
       y = self.activation(y)
     return y

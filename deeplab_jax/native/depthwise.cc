@@ -96,19 +96,18 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   float* yp = y->typed_data();
   ParallelFor(pool, g.n * g.oh, [&](int64_t row) {
     const int64_t n = row / g.oh, oh = row % g.oh;
-    float* out = yp + row * g.ow * g.c;
-    std::memset(out, 0, sizeof(float) * g.ow * g.c);
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t ih = oh * g.stride + i * g.rate - g.pad_top;
-      if (ih < 0 || ih >= g.h) continue;
-      const float* in = xp + (n * g.h + ih) * g.w * g.c;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        int64_t begin, end;
-        g.Columns(j, &begin, &end);
-        const float* tap = kp + (i * g.kw + j) * g.c;
-        const int64_t offset = j * g.rate - g.pad_left;
-        for (int64_t ow = begin; ow < end; ++ow) {
-          MultiplyAdd(out + ow * g.c, in + (ow * g.stride + offset) * g.c, tap, g.c);
+    // Per output pixel, all taps into one C-vector that stays in L1.
+    for (int64_t ow = 0; ow < g.ow; ++ow) {
+      float* out = yp + (row * g.ow + ow) * g.c;
+      std::memset(out, 0, sizeof(float) * g.c);
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = oh * g.stride + i * g.rate - g.pad_top;
+        if (ih < 0 || ih >= g.h) continue;
+        const float* in = xp + (n * g.h + ih) * g.w * g.c;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t iw = ow * g.stride + j * g.rate - g.pad_left;
+          if (iw < 0 || iw >= g.w) continue;
+          MultiplyAdd(out, in + iw * g.c, kp + (i * g.kw + j) * g.c, g.c);
         }
       }
     }
@@ -130,19 +129,17 @@ ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer
   float* dxp = dx->typed_data();
   ParallelFor(pool, g.n * g.h, [&](int64_t row) {
     const int64_t n = row / g.h, ih = row % g.h;
-    float* out = dxp + row * g.w * g.c;
-    std::memset(out, 0, sizeof(float) * g.w * g.c);
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t t = ih + g.pad_top - i * g.rate;  // = oh * stride
-      if (t < 0 || t % g.stride != 0 || t / g.stride >= g.oh) continue;
-      const float* grad = gp + (n * g.oh + t / g.stride) * g.ow * g.c;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        int64_t begin, end;
-        g.Columns(j, &begin, &end);
-        const float* tap = kp + (i * g.kw + j) * g.c;
-        const int64_t offset = j * g.rate - g.pad_left;
-        for (int64_t ow = begin; ow < end; ++ow) {
-          MultiplyAdd(out + (ow * g.stride + offset) * g.c, grad + ow * g.c, tap, g.c);
+    for (int64_t iw = 0; iw < g.w; ++iw) {
+      float* out = dxp + (row * g.w + iw) * g.c;
+      std::memset(out, 0, sizeof(float) * g.c);
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t t = ih + g.pad_top - i * g.rate;  // = oh * stride
+        if (t < 0 || t % g.stride != 0 || t / g.stride >= g.oh) continue;
+        const float* grad = gp + (n * g.oh + t / g.stride) * g.ow * g.c;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t u = iw + g.pad_left - j * g.rate;  // = ow * stride
+          if (u < 0 || u % g.stride != 0 || u / g.stride >= g.ow) continue;
+          MultiplyAdd(out, grad + (u / g.stride) * g.c, kp + (i * g.kw + j) * g.c, g.c);
         }
       }
     }
