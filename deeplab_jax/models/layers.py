@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from deeplab_jax.models import depthwise as depthwise_lib
 from deeplab_jax.models.batch_norm import BatchNorm
@@ -104,27 +105,29 @@ def depthwise_conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1,
   return depthwise_lib.IMPLS[impl](x, kernel, stride, rate)
 
 
-def _source_coordinates(in_size: int, out_size: int):
-  """align_corners=True geometry: corners map to corners, scale (in - 1) / (out - 1)."""
+def interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) align_corners=True bilinear weights: row o holds 1 - frac at floor(src), frac at the
+  next pixel, where src = o * (in - 1) / (out - 1) (corners map to corners)."""
   scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-  src = jnp.arange(out_size, dtype=jnp.float32) * scale
-  lo = jnp.clip(jnp.floor(src).astype(jnp.int32), 0, in_size - 1)
-  hi = jnp.minimum(lo + 1, in_size - 1)
-  frac = src - lo.astype(jnp.float32)
-  return lo, hi, frac
+  src = np.arange(out_size, dtype=np.float64) * scale
+  lo = np.clip(np.floor(src).astype(np.int64), 0, in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  frac = (src - lo).astype(np.float32)
+  matrix = np.zeros((out_size, in_size), np.float32)
+  np.add.at(matrix, (np.arange(out_size), lo), 1 - frac)
+  np.add.at(matrix, (np.arange(out_size), hi), frac)
+  return matrix
 
 
 def _resize_axis(x: Array, axis: int, out_size: int) -> Array:
+  """As a small matmul rather than two gathers: XLA:CPU ran the gathers, and their scatter-add
+  transposes in the backward, far slower than the (out x in) weights times the axis."""
   in_size = x.shape[axis]
   if in_size == out_size:
     return x
-  lo, hi, frac = _source_coordinates(in_size, out_size)
-  shape = [1] * x.ndim
-  shape[axis] = out_size
-  frac = frac.reshape(shape).astype(x.dtype)
-  a = jnp.take(x, lo, axis=axis)
-  b = jnp.take(x, hi, axis=axis)
-  return a + (b - a) * frac
+  matrix = jnp.asarray(interpolation_matrix(in_size, out_size), x.dtype)
+  y = lax.dot_general(matrix, x, (((1,), (axis,)), ((), ())), precision=lax.Precision.HIGHEST)
+  return jnp.moveaxis(y, 0, axis)
 
 
 def resize_bilinear(x: Array, size: Sequence[int]) -> Array:
