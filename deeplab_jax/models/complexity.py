@@ -12,7 +12,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
-from deeplab_jax.models import create_model
+from deeplab_jax.models import create_model, layers
 
 PARTS = ("backbone", "aspp", "decoder", "logits")
 
@@ -48,8 +48,9 @@ def conv_macs_by_part(jaxpr) -> dict[str, int]:
 
   def walk(j):
     for eqn in j.eqns:
-      if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
-        scopes = str(eqn.source_info.name_stack).split("/")
+      scopes = str(eqn.source_info.name_stack).split("/")
+      if (eqn.primitive.name in ("conv_general_dilated", "dot_general") and
+          layers.RESIZE_SCOPE not in scopes):
         part = next((s for s in scopes if s in PARTS), "other")
         totals[part] += _conv_macs(eqn)
       for sub in _subjaxprs(eqn):

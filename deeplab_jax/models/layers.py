@@ -105,6 +105,9 @@ def depthwise_conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1,
   return depthwise_lib.IMPLS[impl](x, kernel, stride, rate)
 
 
+RESIZE_SCOPE = "align_corners_resize"
+
+
 def interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
   """(out, in) align_corners=True bilinear weights: row o holds 1 - frac at floor(src), frac at the
   next pixel, where src = o * (in - 1) / (out - 1) (corners map to corners)."""
@@ -126,7 +129,8 @@ def _resize_axis(x: Array, axis: int, out_size: int) -> Array:
   if in_size == out_size:
     return x
   matrix = jnp.asarray(interpolation_matrix(in_size, out_size), x.dtype)
-  y = lax.dot_general(matrix, x, (((1,), (axis,)), ((), ())), precision=lax.Precision.HIGHEST)
+  with jax.named_scope(RESIZE_SCOPE):  # complexity.py counts convs, not these
+    y = lax.dot_general(matrix, x, (((1,), (axis,)), ((), ())), precision=lax.Precision.HIGHEST)
   return jnp.moveaxis(y, 0, axis)
 
 
