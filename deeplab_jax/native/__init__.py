@@ -13,7 +13,8 @@ import os
 
 import jax
 
-VERSION = 1  # must equal kVersion in depthwise.cc
+VERSION = 2  # must equal kVersion in depthwise.cc
+MAX_TAPS = 64  # kMaxTaps: larger kernels use the pure-JAX path
 TARGETS = {"forward": "DeepLabDepthwiseForward", "input_grad": "DeepLabDepthwiseInputGrad",
            "filter_grad": "DeepLabDepthwiseFilterGrad"}
 
