@@ -79,13 +79,3 @@ def test_native_depthwise_repeats_bit_for_bit():
   for other in runs[1:]:
     for a, b in zip(runs[0], other):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_kernels_beyond_the_native_tap_limit_fall_back_and_stay_exact():
-  rng = np.random.default_rng(9)
-  x = jnp.asarray(rng.normal(size=(1, 12, 13, 4)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(9, 9, 1, 4)), jnp.float32)  # 81 taps > native.MAX_TAPS
-  got = output_and_grads("native", x, kernel, 1, 1)
-  ref = output_and_grads("grouped", x, kernel, 1, 1)
-  for name, a, b in zip(("y", "dx", "dk"), got, ref):
-    assert relative_error(a, b) < 1e-5, name

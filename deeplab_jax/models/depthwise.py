@@ -146,7 +146,7 @@ def native_depthwise(x: Array, kernel: Array, stride: int = 1, rate: int = 1) ->
   (correct, but gathers the batch): `resolve_depthwise_impl` picks it for one device only.
   """
   if (x.dtype != jnp.float32 or kernel.dtype != jnp.float32 or jax.default_backend() != "cpu" or
-      kernel.shape[0] * kernel.shape[1] > native.MAX_TAPS or not native.available()):
+      not native.available()):
     return shift(x, kernel, stride, rate)
   return _native(x, kernel, stride, rate)
 

@@ -13,8 +13,7 @@ import os
 
 import jax
 
-VERSION = 2  # must equal kVersion in depthwise.cc
-MAX_TAPS = 64  # kMaxTaps: larger kernels use the pure-JAX path
+VERSION = 1  # must equal kVersion in depthwise.cc
 TARGETS = {"forward": "DeepLabDepthwiseForward", "input_grad": "DeepLabDepthwiseInputGrad",
            "filter_grad": "DeepLabDepthwiseFilterGrad"}
 

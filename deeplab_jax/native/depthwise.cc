@@ -21,7 +21,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 // Bumped whenever the handlers' signatures change; Python refuses a library built from another one.
-constexpr int64_t kVersion = 2;
+constexpr int64_t kVersion = 1;
 
 struct Geometry {
   int64_t n, h, w, c;      // input
@@ -76,30 +76,6 @@ inline void MultiplyAdd(float* __restrict out, const float* __restrict a,
   for (int64_t k = 0; k < c; ++k) out[k] += a[k] * b[k];
 }
 
-constexpr int kMaxTaps = 64;  // kernels up to 8x8; DeepLab's are 3x3 (Python checks)
-
-// out[c] = sum_t a[t][c] * b[t][c]: the taps accumulate in registers, one block of channels at a
-// time, and each output is stored once (not re-read and re-written per tap).
-inline void SumOfProducts(float* __restrict out, const float* const* a, const float* const* b,
-                          int taps, int64_t c) {
-  constexpr int kBlock = 32;
-  int64_t k = 0;
-  for (; k + kBlock <= c; k += kBlock) {
-    float acc[kBlock] = {};
-    for (int t = 0; t < taps; ++t) {
-      const float* __restrict pa = a[t] + k;
-      const float* __restrict pb = b[t] + k;
-      for (int l = 0; l < kBlock; ++l) acc[l] += pa[l] * pb[l];
-    }
-    for (int l = 0; l < kBlock; ++l) out[k + l] = acc[l];
-  }
-  for (; k < c; ++k) {
-    float acc = 0.0f;
-    for (int t = 0; t < taps; ++t) acc += a[t][k] * b[t][k];
-    out[k] = acc;
-  }
-}
-
 ffi::Error CheckRank(ffi::AnyBuffer::Dimensions dims, size_t rank, const char* what) {
   if (dims.size() != rank) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(what) + " has the wrong rank");
@@ -115,29 +91,25 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
   const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1],
                    stride, rate, pad_top, pad_left};
-  if (g.kh * g.kw > kMaxTaps) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "depthwise kernels beyond 8x8 taps");
-  }
   const float* xp = x.typed_data();
   const float* kp = k.typed_data();
   float* yp = y->typed_data();
   ParallelFor(pool, g.n * g.oh, [&](int64_t row) {
     const int64_t n = row / g.oh, oh = row % g.oh;
-    const float* inputs[kMaxTaps];
-    const float* weights[kMaxTaps];
+    // Per output pixel, all taps into one C-vector that stays in L1.
     for (int64_t ow = 0; ow < g.ow; ++ow) {
-      int taps = 0;
+      float* out = yp + (row * g.ow + ow) * g.c;
+      std::memset(out, 0, sizeof(float) * g.c);
       for (int64_t i = 0; i < g.kh; ++i) {
         const int64_t ih = oh * g.stride + i * g.rate - g.pad_top;
         if (ih < 0 || ih >= g.h) continue;
+        const float* in = xp + (n * g.h + ih) * g.w * g.c;
         for (int64_t j = 0; j < g.kw; ++j) {
           const int64_t iw = ow * g.stride + j * g.rate - g.pad_left;
           if (iw < 0 || iw >= g.w) continue;
-          inputs[taps] = xp + ((n * g.h + ih) * g.w + iw) * g.c;
-          weights[taps++] = kp + (i * g.kw + j) * g.c;
+          MultiplyAdd(out, in + iw * g.c, kp + (i * g.kw + j) * g.c, g.c);
         }
       }
-      SumOfProducts(yp + (row * g.ow + ow) * g.c, inputs, weights, taps, g.c);
     }
   });
   return ffi::Error::Success();
@@ -152,29 +124,24 @@ ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer
   const auto xd = dx->dimensions(), kd = k.dimensions(), yd = dy.dimensions();
   const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1],
                    stride, rate, pad_top, pad_left};
-  if (g.kh * g.kw > kMaxTaps) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "depthwise kernels beyond 8x8 taps");
-  }
   const float* gp = dy.typed_data();
   const float* kp = k.typed_data();
   float* dxp = dx->typed_data();
   ParallelFor(pool, g.n * g.h, [&](int64_t row) {
     const int64_t n = row / g.h, ih = row % g.h;
-    const float* grads[kMaxTaps];
-    const float* weights[kMaxTaps];
     for (int64_t iw = 0; iw < g.w; ++iw) {
-      int taps = 0;
+      float* out = dxp + (row * g.w + iw) * g.c;
+      std::memset(out, 0, sizeof(float) * g.c);
       for (int64_t i = 0; i < g.kh; ++i) {
         const int64_t t = ih + g.pad_top - i * g.rate;  // = oh * stride
         if (t < 0 || t % g.stride != 0 || t / g.stride >= g.oh) continue;
+        const float* grad = gp + (n * g.oh + t / g.stride) * g.ow * g.c;
         for (int64_t j = 0; j < g.kw; ++j) {
           const int64_t u = iw + g.pad_left - j * g.rate;  // = ow * stride
           if (u < 0 || u % g.stride != 0 || u / g.stride >= g.ow) continue;
-          grads[taps] = gp + ((n * g.oh + t / g.stride) * g.ow + u / g.stride) * g.c;
-          weights[taps++] = kp + (i * g.kw + j) * g.c;
+          MultiplyAdd(out, grad + (u / g.stride) * g.c, kp + (i * g.kw + j) * g.c, g.c);
         }
       }
-      SumOfProducts(dxp + (row * g.w + iw) * g.c, grads, weights, taps, g.c);
     }
   });
   return ffi::Error::Success();
