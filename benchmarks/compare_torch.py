@@ -27,6 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import harness  # noqa: E402
 
+from deeplab_jax import config as config_lib  # noqa: E402
+from deeplab_jax.models import xception  # noqa: E402
+
 config_flags.DEFINE_config_file("config", os.path.join(HERE, "..", "configs", "voc_xception.py"),
                                 "Config file.", lock_config=True)
 flags.DEFINE_integer("size", 257, "Square input size.")
@@ -39,16 +42,30 @@ flags.DEFINE_enum("torch_allocator", "system", ["system", "fast"],
 FLAGS = flags.FLAGS
 
 
+def model_flags(config) -> list[str]:
+  """The torch_worker flags that build `config`'s network; torch_deeplab has Xception backbones only."""
+  m = config.model
+  if (m.backbone not in xception.VARIANTS or not m.use_decoder or m.depth_multiplier != 1.0 or
+      tuple(m.multi_grid) != (1, 1, 1)):
+    raise app.UsageError(f"the PyTorch twin builds DeepLabv3+ on {', '.join(xception.VARIANTS)} at "
+                         f"depth multiplier 1 without multi-grid; config.model is {m.backbone}, "
+                         f"use_decoder={m.use_decoder}, depth_multiplier={m.depth_multiplier}, "
+                         f"multi_grid={tuple(m.multi_grid)}")
+  rates = config_lib.atrous_rates(m)
+  return [f"--num_classes={int(config.dataset.num_classes)}", f"--backbone={m.backbone}",
+          f"--output_stride={int(m.output_stride)}", f"--atrous_rates={','.join(map(str, rates))}",
+          f"--aspp_separable={int(m.aspp_separable)}", f"--decoder_separable={int(m.decoder_separable)}"]
+
+
 class TorchWorker:
-  def __init__(self, size: int, batch: int, num_classes: int, fast_allocator: bool):
+  def __init__(self, size: int, batch: int, config, fast_allocator: bool):
     env = {k: v for k, v in os.environ.items()
            if k not in ("LD_PRELOAD", "_DEEPLAB_JAX_REEXEC", *allocator.SETTINGS)}
     if fast_allocator and allocator.find():
       env |= allocator.SETTINGS | {"LD_PRELOAD": allocator.find()}
     self.process = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "torch_worker.py"), f"--size={size}", f"--batch={batch}",
-         f"--num_classes={num_classes}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env=env)
+         *model_flags(config)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     self.info = json.loads(self.process.stdout.readline())
 
   def run(self, mode: str, steps: int) -> list[float]:
@@ -72,8 +89,7 @@ def main(argv):
     variants["jax_reference"] = reference
   steps = {(name, mode): harness.build(cfg, FLAGS.size, FLAGS.batch, mode)
            for name, cfg in variants.items() for mode in ("train", "infer")}
-  worker = TorchWorker(FLAGS.size, FLAGS.batch, int(config.dataset.num_classes),
-                       FLAGS.torch_allocator == "fast")
+  worker = TorchWorker(FLAGS.size, FLAGS.batch, config, FLAGS.torch_allocator == "fast")
   print(f"torch {worker.info}", flush=True)
   times = {key: [] for key in list(steps) + [("torch", "train"), ("torch", "infer")]}
   for step in steps.values():  # warm-up
@@ -91,7 +107,7 @@ def main(argv):
   worker.close()
   median = {key: statistics.median(t) for key, t in times.items()}
   result = {"size": FLAGS.size, "batch": FLAGS.batch,
-            "depthwise_impl": harness._impl(config), "jax_allocator": allocator.loaded(),
+            "depthwise_impl": harness.depthwise_impl(config), "jax_allocator": allocator.loaded(),
             "torch_allocator": worker.info["allocator"], "torch_threads": worker.info["threads"],
             "compile_s_train": round(steps["jax", "train"].compile_s, 2)}
   for name in variants:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deeplab_jax import allocator, sharding, train
-from deeplab_jax.models import complexity, create_model, upsample_logits
+from deeplab_jax.models import complexity, create_model, resolve_depthwise_impl, upsample_logits
 
 
 def sized(config, size: int, batch: int):
@@ -117,7 +117,7 @@ def measure(step: Step, steps: int, warmup: int) -> dict:
   matmul = matmul_gflops_per_s(jnp.dtype(config.model.dtype))
   return {
       "mode": step.mode, "backend": jax.default_backend(), "devices": jax.device_count(),
-      "depthwise_impl": _impl(config), "allocator": allocator.loaded(),
+      "depthwise_impl": depthwise_impl(config), "allocator": allocator.loaded(),
       "size": size, "batch": batch, "dtype": str(config.model.dtype),
       "compile_s": round(step.compile_s, 2), "step_s": round(step_s, 4),
       "step_s_min": round(min(times), 4), "images_per_s": round(batch / step_s, 2),
@@ -127,6 +127,6 @@ def measure(step: Step, steps: int, warmup: int) -> dict:
   }
 
 
-def _impl(config) -> str:
-  from deeplab_jax.models import resolve_depthwise_impl
+def depthwise_impl(config) -> str:
+  """The formulation `config` runs with here ("auto" resolved for this backend)."""
   return resolve_depthwise_impl(config.model.depthwise_impl)

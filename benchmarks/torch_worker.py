@@ -19,9 +19,17 @@ def main():
   parser.add_argument("--size", type=int, required=True)
   parser.add_argument("--batch", type=int, required=True)
   parser.add_argument("--num_classes", type=int, default=21)
+  parser.add_argument("--backbone", default="xception_65")
+  parser.add_argument("--output_stride", type=int, default=16)
+  parser.add_argument("--atrous_rates", default="6,12,18")
+  parser.add_argument("--aspp_separable", type=int, default=1)
+  parser.add_argument("--decoder_separable", type=int, default=1)
   args = parser.parse_args()
   torch.manual_seed(0)
-  model = torch_deeplab.DeepLabV3Plus(args.num_classes)
+  model = torch_deeplab.DeepLabV3Plus(
+      args.num_classes, args.backbone, args.output_stride,
+      tuple(int(r) for r in args.atrous_rates.split(",")), bool(args.aspp_separable),
+      bool(args.decoder_separable))
   optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=4e-5)
   images = torch.rand(args.batch, 3, args.size, args.size) * 255
   labels = torch.randint(0, args.num_classes, (args.batch, args.size, args.size))
