@@ -54,9 +54,8 @@ def build(config, size: int, batch: int, mode: str) -> Step:
   sharding.check_batch(batch, mesh, "--batch")
   model, tx = create_model(config), train.create_tx(config)
   init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
-  init_fn = lambda rng: train.init_state(rng, model=model, tx=tx)  # noqa: E731
-  state_sh = train.state_shardings(config, jax.eval_shape(init_fn, init_rng), mesh)
-  state = jax.jit(init_fn, out_shardings=state_sh)(init_rng)
+  _, state_sh, init = train.sharded_init(config, model, tx, mesh, init_rng)
+  state = init(init_rng)
   rng = np.random.default_rng(0)
   batch_sh = sharding.batch_sharding(mesh)
   images = jax.device_put(rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32), batch_sh)

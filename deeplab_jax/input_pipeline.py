@@ -213,12 +213,17 @@ def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def eval_num_batches(builder, config) -> int:
-  """Batches per process so that the largest process shard fits; the same on every process."""
+def _eval_shards(builder, config) -> list[str]:
+  """The eval split cut into one disjoint shard per process (`even_splits`, sizes differing by <= 1)."""
   split = config.dataset.eval_split
   _check_split(builder, split, "config.dataset.eval_split")
+  return tfds.even_splits(split, n=jax.process_count(), drop_remainder=False)
+
+
+def eval_num_batches(builder, config) -> int:
+  """Batches per process so that the largest process shard fits; the same on every process."""
   local_batch = _local_batch(config.eval.batch_size, "config.eval.batch_size")
-  shards = tfds.even_splits(split, n=jax.process_count(), drop_remainder=False)
+  shards = _eval_shards(builder, config)
   largest = max(builder.info.splits[s].num_examples for s in shards)
   return max(1, -(-largest // local_batch))
 
@@ -229,10 +234,9 @@ def eval_dataset(builder, config) -> tf.data.Dataset:
   Processes read disjoint `even_splits` shards; every process yields `eval_num_batches` batches, the
   tail padded with examples whose `mask` is 0, so each real pixel counts exactly once overall.
   """
-  split = config.dataset.eval_split
   num_batches = eval_num_batches(builder, config)
   local_batch = _local_batch(config.eval.batch_size, "config.eval.batch_size")
-  shard = tfds.even_splits(split, n=jax.process_count(), drop_remainder=False)[jax.process_index()]
+  shard = _eval_shards(builder, config)[jax.process_index()]
   crop_h, crop_w = (int(v) for v in config.eval.crop_size)
   ignore = int(config.dataset.ignore_label)
   decode = _decoder(builder, config)
@@ -264,9 +268,7 @@ def eval_dataset(builder, config) -> tf.data.Dataset:
 def eval_examples(builder, config) -> tf.data.Dataset:
   """This process's evaluation examples whole and unpadded, {"image", "label" (H, W)}, for strategies
   (multi-scale, flip, sliding window) that need each image at its own size."""
-  split = config.dataset.eval_split
-  _check_split(builder, split, "config.dataset.eval_split")
-  shard = tfds.even_splits(split, n=jax.process_count(), drop_remainder=False)[jax.process_index()]
+  shard = _eval_shards(builder, config)[jax.process_index()]
   decode = _decoder(builder, config)
 
   def prepare(image, label):

@@ -91,9 +91,14 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, loss_conf
                      "nonfinite": (~finite).astype(jnp.int32)}
 
 
-def state_shardings(config, abstract_state, mesh) -> TrainState:
-  return sharding.state_shardings(abstract_state, mesh, config.mesh.param_sharding,
-                                  int(config.mesh.fsdp_min_size))
+def sharded_init(config, model, tx, mesh, rng):
+  """(abstract state, its shardings over `mesh`, a jitted init that creates it on them): the state's
+  layout is decided from shapes alone, before anything is computed (or restored into it)."""
+  init_fn = functools.partial(init_state, model=model, tx=tx)
+  abstract = jax.eval_shape(init_fn, rng)
+  shardings = sharding.state_shardings(abstract, mesh, config.mesh.param_sharding,
+                                       int(config.mesh.fsdp_min_size))
+  return abstract, shardings, jax.jit(init_fn, out_shardings=shardings)
 
 
 def jit_train_step(config, model, tx, mesh, state_sh, dropout_rng):
@@ -214,15 +219,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = create_model(config)
   tx = create_tx(config)
   init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
-  init_fn = functools.partial(init_state, model=model, tx=tx)
-  abstract_state = jax.eval_shape(init_fn, init_rng)
-  state_sh = state_shardings(config, abstract_state, mesh)
+  abstract_state, state_sh, init = sharded_init(config, model, tx, mesh, init_rng)
 
   manager = checkpoints.create_manager(workdir, keep=int(config.checkpoint.keep),
                                        async_save=bool(config.checkpoint.async_save))
   latest = manager.latest_step()
   if latest is None:
-    state = jax.jit(init_fn, out_shardings=state_sh)(init_rng)
+    state = init(init_rng)
     logging.info("initialized a new %s DeepLab", config.model.backbone)
   else:
     state = checkpoints.restore(manager, latest, sharding.with_shardings(abstract_state, state_sh))
