@@ -29,6 +29,13 @@ struct Geometry {
   int64_t kh, kw;          // kernel taps
   int64_t stride, rate, pad_top, pad_left;
 
+  static Geometry Of(ffi::AnyBuffer::Dimensions in, ffi::AnyBuffer::Dimensions out,
+                     ffi::AnyBuffer::Dimensions kernel, int64_t stride, int64_t rate,
+                     int64_t pad_top, int64_t pad_left) {
+    return {in[0], in[1], in[2], in[3], out[1], out[2], kernel[0], kernel[1],
+            stride, rate, pad_top, pad_left};
+  }
+
   // Output columns [begin, end) whose tap j reads an input column inside [0, w).
   void Columns(int64_t j, int64_t* begin, int64_t* end) const {
     const int64_t offset = j * rate - pad_left;  // input column = ow * stride + offset
@@ -83,67 +90,72 @@ ffi::Error CheckRank(ffi::AnyBuffer::Dimensions dims, size_t rank, const char* w
   return ffi::Error::Success();
 }
 
+// out[row, col, :] = sum over taps (i, j) of src[row_of(row, i)][col_of(col, j)] * k[i, j, :], where
+// row_of gives a source row's first element (nullptr: no row for this tap) and col_of a source column
+// (-1: none). Rows are split over the pool; the source rows are found once per output row, and each
+// output pixel's C-vector stays in L1 while its taps accumulate.
+template <typename RowOf, typename ColOf>
+void SumOfTaps(ffi::ThreadPool& pool, const Geometry& g, int64_t rows, int64_t cols,
+               const float* kp, float* out, const RowOf& row_of, const ColOf& col_of) {
+  ParallelFor(pool, rows, [&](int64_t row) {
+    std::vector<const float*> sources(g.kh);
+    for (int64_t i = 0; i < g.kh; ++i) sources[i] = row_of(row, i);
+    for (int64_t col = 0; col < cols; ++col) {
+      float* pixel = out + (row * cols + col) * g.c;
+      std::memset(pixel, 0, sizeof(float) * g.c);
+      for (int64_t i = 0; i < g.kh; ++i) {
+        if (sources[i] == nullptr) continue;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t source_col = col_of(col, j);
+          if (source_col < 0) continue;
+          MultiplyAdd(pixel, sources[i] + source_col * g.c, kp + (i * g.kw + j) * g.c, g.c);
+        }
+      }
+    }
+  });
+}
+
 // y[n, oh, ow, c] = sum_ij x[n, oh*s + i*r - pt, ow*s + j*r - pl, c] * k[i, j, c]
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                    ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t rate, int64_t pad_top,
                    int64_t pad_left) {
   if (auto e = CheckRank(x.dimensions(), 4, "x"); e.failure()) return e;
-  const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
-  const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1],
-                   stride, rate, pad_top, pad_left};
+  const Geometry g = Geometry::Of(x.dimensions(), y->dimensions(), k.dimensions(), stride, rate,
+                                  pad_top, pad_left);
   const float* xp = x.typed_data();
-  const float* kp = k.typed_data();
-  float* yp = y->typed_data();
-  ParallelFor(pool, g.n * g.oh, [&](int64_t row) {
-    const int64_t n = row / g.oh, oh = row % g.oh;
-    // Per output pixel, all taps into one C-vector that stays in L1.
-    for (int64_t ow = 0; ow < g.ow; ++ow) {
-      float* out = yp + (row * g.ow + ow) * g.c;
-      std::memset(out, 0, sizeof(float) * g.c);
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t ih = oh * g.stride + i * g.rate - g.pad_top;
-        if (ih < 0 || ih >= g.h) continue;
-        const float* in = xp + (n * g.h + ih) * g.w * g.c;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t iw = ow * g.stride + j * g.rate - g.pad_left;
-          if (iw < 0 || iw >= g.w) continue;
-          MultiplyAdd(out, in + iw * g.c, kp + (i * g.kw + j) * g.c, g.c);
-        }
-      }
-    }
-  });
+  SumOfTaps(
+      pool, g, g.n * g.oh, g.ow, k.typed_data(), y->typed_data(),
+      [&](int64_t row, int64_t i) -> const float* {
+        const int64_t n = row / g.oh, ih = (row % g.oh) * g.stride + i * g.rate - g.pad_top;
+        return ih < 0 || ih >= g.h ? nullptr : xp + (n * g.h + ih) * g.w * g.c;
+      },
+      [&](int64_t ow, int64_t j) -> int64_t {
+        const int64_t iw = ow * g.stride + j * g.rate - g.pad_left;
+        return iw < 0 || iw >= g.w ? -1 : iw;
+      });
   return ffi::Error::Success();
 }
 
 // dx[n, ih, iw, c] = sum over the (oh, ow, i, j) that read it of dy[n, oh, ow, c] * k[i, j, c];
-// computed per input row so that no two threads write the same element.
+// gathered per input pixel so that no two threads write the same element.
 ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
                      ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t rate, int64_t pad_top,
                      int64_t pad_left) {
   if (auto e = CheckRank(dy.dimensions(), 4, "dy"); e.failure()) return e;
-  const auto xd = dx->dimensions(), kd = k.dimensions(), yd = dy.dimensions();
-  const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1],
-                   stride, rate, pad_top, pad_left};
+  const Geometry g = Geometry::Of(dx->dimensions(), dy.dimensions(), k.dimensions(), stride, rate,
+                                  pad_top, pad_left);
   const float* gp = dy.typed_data();
-  const float* kp = k.typed_data();
-  float* dxp = dx->typed_data();
-  ParallelFor(pool, g.n * g.h, [&](int64_t row) {
-    const int64_t n = row / g.h, ih = row % g.h;
-    for (int64_t iw = 0; iw < g.w; ++iw) {
-      float* out = dxp + (row * g.w + iw) * g.c;
-      std::memset(out, 0, sizeof(float) * g.c);
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t t = ih + g.pad_top - i * g.rate;  // = oh * stride
-        if (t < 0 || t % g.stride != 0 || t / g.stride >= g.oh) continue;
-        const float* grad = gp + (n * g.oh + t / g.stride) * g.ow * g.c;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t u = iw + g.pad_left - j * g.rate;  // = ow * stride
-          if (u < 0 || u % g.stride != 0 || u / g.stride >= g.ow) continue;
-          MultiplyAdd(out, grad + (u / g.stride) * g.c, kp + (i * g.kw + j) * g.c, g.c);
-        }
-      }
-    }
-  });
+  SumOfTaps(
+      pool, g, g.n * g.h, g.w, k.typed_data(), dx->typed_data(),
+      [&](int64_t row, int64_t i) -> const float* {
+        const int64_t n = row / g.h, t = row % g.h + g.pad_top - i * g.rate;  // t = oh * stride
+        if (t < 0 || t % g.stride != 0 || t / g.stride >= g.oh) return nullptr;
+        return gp + (n * g.oh + t / g.stride) * g.ow * g.c;
+      },
+      [&](int64_t iw, int64_t j) -> int64_t {
+        const int64_t u = iw + g.pad_left - j * g.rate;  // = ow * stride
+        return u < 0 || u % g.stride != 0 || u / g.stride >= g.ow ? -1 : u / g.stride;
+      });
   return ffi::Error::Success();
 }
 
@@ -153,9 +165,8 @@ ffi::Error FilterGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                       ffi::ResultBuffer<ffi::F32> dk, int64_t stride, int64_t rate,
                       int64_t pad_top, int64_t pad_left) {
   if (auto e = CheckRank(x.dimensions(), 4, "x"); e.failure()) return e;
-  const auto xd = x.dimensions(), kd = dk->dimensions(), yd = dy.dimensions();
-  const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1],
-                   stride, rate, pad_top, pad_left};
+  const Geometry g = Geometry::Of(x.dimensions(), dy.dimensions(), dk->dimensions(), stride, rate,
+                                  pad_top, pad_left);
   const float* xp = x.typed_data();
   const float* gp = dy.typed_data();
   const int64_t taps = g.kh * g.kw * g.c, rows = g.n * g.oh;
