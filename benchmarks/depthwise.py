@@ -8,8 +8,8 @@ from deeplab_jax import allocator
 if __name__ == "__main__":
   allocator.reexec_with_fast_allocator()
 
-import statistics  # noqa: E402
-import time  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
@@ -17,6 +17,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from deeplab_jax.models import layers  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 flags.DEFINE_list("impls", ["native", "shift", "grouped"], "Formulations to time.")
 FLAGS = flags.FLAGS
@@ -26,14 +29,8 @@ SHAPES = [((2, 129, 129, 128), 1, 1), ((2, 129, 129, 256), 2, 1), ((2, 65, 65, 2
           ((2, 65, 65, 304), 1, 1)]
 
 
-def median_ms(fn, *args, repeats: int = 7) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3
+def median_ms(fn, *args) -> float:
+  return harness.median_seconds(fn, *args) * 1e3
 
 
 def main(argv):

@@ -74,17 +74,22 @@ def build(config, size: int, batch: int, mode: str) -> Step:
   return Step(config, mode, time.perf_counter() - start, compiled, args)
 
 
+def median_seconds(fn, *args, repeats: int = 7) -> float:
+  """Median wall time of `fn(*args)` to its results being ready, after one untimed call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
 def matmul_gflops_per_s(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
   """The backend's dense matmul rate (a roofline for the convs, which are mostly 1x1 matmuls)."""
   a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
   f = jax.jit(lambda a: a @ a).lower(a).compile()
-  jax.block_until_ready(f(a))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(f(a))
-    times.append(time.perf_counter() - start)
-  return 2 * n**3 / statistics.median(times) / 1e9
+  return 2 * n**3 / median_seconds(f, a, repeats=repeats) / 1e9
 
 
 def peak_memory_gb() -> float:

@@ -48,11 +48,11 @@ def conv_macs_by_part(jaxpr) -> dict[str, int]:
 
   def walk(j):
     for eqn in j.eqns:
-      scopes = str(eqn.source_info.name_stack).split("/")
-      if (eqn.primitive.name in ("conv_general_dilated", "dot_general") and
-          layers.RESIZE_SCOPE not in scopes):
-        part = next((s for s in scopes if s in PARTS), "other")
-        totals[part] += _conv_macs(eqn)
+      if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+        scopes = str(eqn.source_info.name_stack).split("/")
+        if layers.RESIZE_SCOPE not in scopes:
+          part = next((s for s in scopes if s in PARTS), "other")
+          totals[part] += _conv_macs(eqn)
       for sub in _subjaxprs(eqn):
         walk(sub)
 
