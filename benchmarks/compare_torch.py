@@ -5,9 +5,10 @@
 
 Times the JAX train step and inference forward with the config's depthwise formulation (default
 "auto") and with the reference ("grouped"), and PyTorch's (benchmarks/torch_deeplab.py, a separate
-process with glibc's allocator unless --torch_allocator=fast), alternating in rounds so that the machine's drift hits all
-alike. Prints per-variant medians, then one JSON line with the ratios JAX/PyTorch (below 1: JAX is
-faster) and the compile time of the JAX train step.
+process with glibc's allocator unless --torch_allocator=fast), alternating in many short rounds:
+this machine's speed drifted by 10-20% within minutes, so long blocks let the drift pick the winner.
+Prints each round's ratios and the running medians, then one JSON line with the ratios of the
+medians JAX/PyTorch (below 1: JAX is faster) and the compile time of the JAX train step.
 """
 from deeplab_jax import allocator
 
@@ -34,8 +35,8 @@ config_flags.DEFINE_config_file("config", os.path.join(HERE, "..", "configs", "v
                                 "Config file.", lock_config=True)
 flags.DEFINE_integer("size", 257, "Square input size.")
 flags.DEFINE_integer("batch", 2, "Batch size.")
-flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
-flags.DEFINE_integer("steps", 5, "Timed steps per variant and round (the reference: 2).")
+flags.DEFINE_integer("rounds", 8, "Alternating rounds.")
+flags.DEFINE_integer("steps", 3, "Timed steps per variant and round (the reference: 1).")
 flags.DEFINE_bool("reference", True, "Also time the reference grouped formulation.")
 flags.DEFINE_enum("torch_allocator", "system", ["system", "fast"],
                   "PyTorch's allocator: glibc's, or the one the JAX side gets (allocator.py).")
@@ -97,13 +98,16 @@ def main(argv):
   worker.run("train", 2)
   worker.run("infer", 2)
   for round_ in range(FLAGS.rounds):
+    ratios = []
     for mode in ("train", "infer"):
       for name in variants:
-        count = FLAGS.steps if name == "jax" else 2
+        count = FLAGS.steps if name == "jax" else 1
         times[name, mode] += [steps[name, mode].run() for _ in range(count)]
       times["torch", mode] += worker.run(mode, FLAGS.steps)
-    print(f"round {round_ + 1}: " + ", ".join(f"{n}/{m} {statistics.median(t):.3f}s"
-                                              for (n, m), t in times.items()), flush=True)
+      this_round = lambda name: statistics.median(times[name, mode][-FLAGS.steps:])  # noqa: E731
+      ratios.append(f"{mode} {this_round('jax') / this_round('torch'):.3f}")
+    print(f"round {round_ + 1}: ratios {', '.join(ratios)}; medians so far " +
+          ", ".join(f"{n}/{m} {statistics.median(t):.3f}s" for (n, m), t in times.items()), flush=True)
   worker.close()
   median = {key: statistics.median(t) for key, t in times.items()}
   result = {"size": FLAGS.size, "batch": FLAGS.batch,

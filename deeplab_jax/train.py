@@ -17,6 +17,7 @@ from etils import epath
 import flax
 import jax
 import jax.numpy as jnp
+from jax import lax
 import ml_collections
 import numpy as np
 import optax
@@ -79,14 +80,25 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, loss_conf
     return loss, updates["batch_stats"]
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                         batch_stats=keep(batch_stats, state.batch_stats),
-                         opt_state=keep(opt_state, state.opt_state))
+
+  def update(operands):
+    grads, params, opt_state, new_stats, _ = operands
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, new_stats
+
+  def keep(operands):
+    _, params, opt_state, _, old_stats = operands
+    return params, opt_state, old_stats
+
+  # A branch rather than an elementwise select between the new and the old state: the select read
+  # the whole state twice more and cost about 0.1 s of a 1.5 s step (Xception-65, 257x257, batch 2,
+  # 2-core CPU); the branch cost 0.02-0.04 s over no guard at all (benchmarks/README.md).
+  params, opt_state, batch_stats = lax.cond(
+      finite, update, keep, (grads, state.params, state.opt_state, batch_stats, state.batch_stats))
+  new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state)
   return new_state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
                      "nonfinite": (~finite).astype(jnp.int32)}
 

@@ -79,6 +79,34 @@ def test_one_by_one_conv_as_matmul_equals_numpy():
     np.testing.assert_allclose(got, numpy_conv(x, w, stride, 1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("size,kernel,stride,rate", [(9, 3, 1, 1), (10, 3, 2, 1), (11, 3, 2, 1),
+                                                     (12, 3, 1, 2), (13, 7, 2, 1)])
+def test_narrow_conv_as_patch_matmul_equals_xla_conv_with_gradients(size, kernel, stride, rate):
+  rng = np.random.default_rng(size)
+  x = jnp.asarray(rng.normal(size=(2, size, size + 1, 3)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 4)).astype(np.float32))
+  padding = (layers.explicit_padding(kernel, rate),) * 2
+
+  def xla(x, w):
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, rhs_dilation=(rate, rate),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def ours(x, w):
+    return layers.conv2d(x, w, stride, rate)
+
+  assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, w))  # the patch matmul on CPU
+  cotangent = jnp.asarray(rng.normal(size=xla(x, w).shape).astype(np.float32))
+  np.testing.assert_allclose(ours(x, w), xla(x, w), rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.vjp(ours, x, w)[1](cotangent), jax.vjp(xla, x, w)[1](cotangent)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_wide_conv_stays_an_xla_conv():
+  x, w = jnp.ones((1, 5, 5, 128)), jnp.ones((3, 3, 128, 8))  # 1152 > IM2COL_MAX_DEPTH
+  assert 3 * 3 * 128 > layers.IM2COL_MAX_DEPTH
+  assert "conv_general_dilated" in str(jax.make_jaxpr(layers.conv2d)(x, w))
+
+
 def test_strided_conv_uses_explicit_padding_not_same_at_even_sizes():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(1, 8, 8, 2)).astype(np.float32)
