@@ -39,6 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # "bfloat16": bfloat16 compute, float32 parameters, loss and logits
   config.model.freeze_bn = False  # True: BN uses moving statistics (small global batches)
   config.model.depthwise_impl = "auto"  # "grouped" (reference), "shift", "native"; "auto": per backend
+  # Recompute each backbone unit's activations in the backward pass instead of storing them: less
+  # memory for large crops and batches, for about one more forward's time (benchmarks/README.md).
+  config.model.remat = False
   # BatchNorm moving-average decay for every layer; None keeps each network's own (0.9997 Xception,
   # MobileNetV2 and heads; 0.95 ResNet), which suits long fine-tuning runs.
   config.model.bn_momentum = config_dict.placeholder(float)

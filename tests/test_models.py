@@ -201,3 +201,40 @@ def test_real_init_follows_the_spec_initializers():
   assert 0.26 < float(jnp.std(sep["depthwise"]["kernel"])) < 0.31
   assert 0.048 < float(jnp.std(sep["pointwise"]["kernel"])) < 0.056
   assert float(jnp.std(sep["pointwise"]["bn"]["scale"])) == 0.0
+
+
+def _loss_and_grads(model, variables, x):
+  def loss(params):
+    logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                  train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": jax.random.key(0)})
+    return jnp.mean(jnp.square(logits)), updates
+  return jax.value_and_grad(loss, has_aux=True)(variables["params"])
+
+
+def test_remat_keeps_parameters_values_and_gradients():
+  x = jnp.asarray(np.random.default_rng(5).uniform(0, 255, (2, 33, 33, 3)), jnp.float32)
+  plain = create_model(model_config(backbone="xception_41", depth_multiplier=0.25))
+  remat = create_model(model_config(backbone="xception_41", depth_multiplier=0.25, remat=True))
+  variables = random_variables(plain, x.shape)
+  assert shapes(jax.eval_shape(remat.init, jax.random.key(0), x)) == shapes(variables)
+  (loss, updates), grads = jax.jit(lambda v, x: _loss_and_grads(plain, v, x))(variables, x)
+  (loss_r, updates_r), grads_r = jax.jit(lambda v, x: _loss_and_grads(remat, v, x))(variables, x)
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  leaves = jax.tree_util.tree_leaves
+  for got, want in zip(leaves((grads_r, updates_r)), leaves((grads, updates))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["xception_41", "resnet_50", "mobilenet_v2"])
+def test_remat_recomputes_every_backbone_units_activations(name):
+  x = jax.ShapeDtypeStruct((1, 33, 33, 3), jnp.float32)
+  checkpoints = {}
+  for remat in (False, True):
+    model = create_model(model_config(backbone=name, depth_multiplier=0.25, remat=remat))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    program = jax.make_jaxpr(lambda v, x: _loss_and_grads(model, v, x))(variables, x)
+    checkpoints[remat] = sum(e.primitive.name in ("checkpoint", "remat", "remat2")
+                             for e in program.jaxpr.eqns)
+  units = {"xception_41": 3 + 8 + 2, "resnet_50": 3 + 4 + 6 + 3, "mobilenet_v2": 17}[name]
+  assert checkpoints == {False: 0, True: units}

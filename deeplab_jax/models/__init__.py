@@ -31,6 +31,7 @@ def create_model(config, output_stride: int | None = None) -> DeepLab:
       dtype=jnp.dtype(m.dtype),
       depthwise_impl=resolve_depthwise_impl(m.depthwise_impl),
       bn_momentum=None if m.get("bn_momentum") is None else float(m.bn_momentum),
+      remat=bool(m.get("remat", False)),
   )
 
 

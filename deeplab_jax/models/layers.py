@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -88,10 +89,11 @@ class LayerOptions:
   """Whole-model choices that change computation but not parameters; DeepLab sets them per model.
 
   depthwise_impl: see `depthwise_conv2d`. bn_momentum: overrides every network's own BatchNorm decay
-  (short runs from scratch need a faster one than the paper's 0.9997).
+  (short runs from scratch need a faster one than the paper's 0.9997). remat: see `backbone_unit`.
   """
   depthwise_impl: str = "grouped"
   bn_momentum: Optional[float] = None
+  remat: bool = False
 
 
 _options: contextvars.ContextVar[LayerOptions] = contextvars.ContextVar("layer_options",
@@ -112,6 +114,18 @@ def layer_options(options: LayerOptions):
     yield
   finally:
     _options.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _rematerialized(unit: type) -> type:
+  return nn.remat(unit, static_argnums=(2,))  # (self, x, train): `train` is a Python bool
+
+
+def backbone_unit(unit: type) -> type:
+  """`unit` (a backbone's repeated block, called as unit(...)(x, train)), rematerialized under
+  LayerOptions(remat=True): the backward pass recomputes its activations instead of keeping them,
+  for crops that do not fit otherwise. Parameter names are unchanged."""
+  return _rematerialized(unit) if _options.get().remat else unit
 
 
 def depthwise_conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1,

@@ -114,7 +114,7 @@ class ResNetBlock(nn.Module):
   def __call__(self, x, train: bool):
     branches = []
     for u, (stride, rate) in enumerate(self.schedule):
-      x, branch = Bottleneck(self.width, stride, rate, self.depth_multiplier, self.dtype,
+      x, branch = layers.backbone_unit(Bottleneck)(self.width, stride, rate, self.depth_multiplier, self.dtype,
                              name=f"unit_{u + 1}")(x, train)
       branches.append(branch)
     return x, branches
