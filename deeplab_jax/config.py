@@ -39,8 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # "bfloat16": bfloat16 compute, float32 parameters, loss and logits
   config.model.freeze_bn = False  # True: BN uses moving statistics (small global batches)
   config.model.depthwise_impl = "auto"  # "grouped" (reference), "shift", "native"; "auto": per backend
-  # Recompute each backbone unit's activations in the backward pass instead of storing them: less
-  # memory for large crops and batches, for about one more forward's time (benchmarks/README.md).
+  # Recompute each backbone unit's activations in the backward pass instead of storing them, for
+  # large crops on accelerators (unmeasured there). On XLA:CPU it saved no memory and cost 26% of
+  # the step (benchmarks/README.md), so it is off.
   config.model.remat = False
   # BatchNorm moving-average decay for every layer; None keeps each network's own (0.9997 Xception,
   # MobileNetV2 and heads; 0.95 ResNet), which suits long fine-tuning runs.

@@ -49,16 +49,11 @@ def conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1, groups: int 
   of the conv form about 10x slower than that of the matmul form (decoder 1x1s, measured here).
   On CPU, narrow kxk convs (the stems) are one matmul over their patches for the same reason.
   """
-  kh, kw, cin, cout = kernel.shape
-  if kh == kw == 1 and groups == 1:
-    if stride > 1:
-      x = x[:, ::stride, ::stride, :]
-    n, h, w, c = x.shape
-    y = lax.dot_general(x.reshape(n * h * w, c), kernel[0, 0], (((1,), (0,)), ((), ())))
-    return y.reshape(n, h, w, cout)
+  kh, kw, cin, _ = kernel.shape
   rates = (rate, rate) if kh > 1 or kw > 1 else (1, 1)
   padding = (explicit_padding(kh, rates[0]), explicit_padding(kw, rates[1]))
-  if groups == 1 and kh * kw * cin <= IM2COL_MAX_DEPTH and jax.default_backend() == "cpu":
+  narrow = kh * kw * cin <= IM2COL_MAX_DEPTH and jax.default_backend() == "cpu"
+  if groups == 1 and (kh == kw == 1 or narrow):
     return _patch_matmul(x, kernel, stride, rates, padding)
   return lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=padding, rhs_dilation=rates,
@@ -66,15 +61,17 @@ def conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1, groups: int 
 
 
 def _patch_matmul(x: Array, kernel: Array, stride: int, rates, padding) -> Array:
-  """The conv as (pixels, taps * cin) @ (taps * cin, cout), taps in the kernel's (kh, kw) order."""
+  """The conv as (pixels, taps * cin) @ (taps * cin, cout), taps in the kernel's (kh, kw) order; a
+  1x1 conv is one tap: a strided slice and a matmul."""
   kh, kw, cin, cout = kernel.shape
-  x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  if padding != ((0, 0), (0, 0)):
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   n, h, w, _ = x.shape
   oh = (h - (kh - 1) * rates[0] - 1) // stride + 1
   ow = (w - (kw - 1) * rates[1] - 1) // stride + 1
+  span_h, span_w = (oh - 1) * stride + 1, (ow - 1) * stride + 1
   taps = [lax.slice(x, (0, i * rates[0], j * rates[1], 0),
-                    (n, i * rates[0] + (oh - 1) * stride + 1, j * rates[1] + (ow - 1) * stride + 1, cin),
-                    (1, stride, stride, 1))
+                    (n, i * rates[0] + span_h, j * rates[1] + span_w, cin), (1, stride, stride, 1))
           for i in range(kh) for j in range(kw)]
   patches = jnp.concatenate(taps, axis=-1).reshape(n * oh * ow, kh * kw * cin)
   y = lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout), (((1,), (0,)), ((), ())))

@@ -68,7 +68,8 @@ class MobileNetV2(layers.Backbone):
     low_level = None
     for i, ((t, c, _), (stride, rate)) in enumerate(zip(layers_cfg, plan)):
       name = "expanded_conv" if i == 0 else f"expanded_conv_{i}"
-      x, depthwise_output = layers.backbone_unit(InvertedResidual)(d(c), t, stride, rate, self.dtype, name=name)(x, train)
+      unit = layers.backbone_unit(InvertedResidual)(d(c), t, stride, rate, self.dtype, name=name)
+      x, depthwise_output = unit(x, train)
       if i == LOW_LEVEL_LAYER:
         low_level = depthwise_output
     return x, low_level

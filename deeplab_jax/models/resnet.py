@@ -114,7 +114,8 @@ class ResNetBlock(nn.Module):
   def __call__(self, x, train: bool):
     branches = []
     for u, (stride, rate) in enumerate(self.schedule):
-      x, branch = layers.backbone_unit(Bottleneck)(self.width, stride, rate, self.depth_multiplier, self.dtype,
-                             name=f"unit_{u + 1}")(x, train)
+      unit = layers.backbone_unit(Bottleneck)(self.width, stride, rate, self.depth_multiplier,
+                                              self.dtype, name=f"unit_{u + 1}")
+      x, branch = unit(x, train)
       branches.append(branch)
     return x, branches

@@ -101,8 +101,10 @@ class XceptionBlock(nn.Module):
   def __call__(self, x, train: bool):
     low_levels = []
     for u, (stride, rate) in enumerate(self.schedule):
-      x, low = layers.backbone_unit(XceptionModule)(self.depths, self.skip, stride, rate, self.unit_rates,
-                              self.activation_inside, self.dtype, name=f"unit_{u + 1}")(x, train)
+      unit = layers.backbone_unit(XceptionModule)(self.depths, self.skip, stride, rate,
+                                                  self.unit_rates, self.activation_inside,
+                                                  self.dtype, name=f"unit_{u + 1}")
+      x, low = unit(x, train)
       low_levels.append(low)
     return x, low_levels[0]
 
