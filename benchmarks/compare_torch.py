@@ -8,7 +8,8 @@ Times the JAX train step and inference forward with the config's depthwise formu
 process with glibc's allocator unless --torch_allocator=fast), alternating in many short rounds:
 this machine's speed drifted by 10-20% within minutes, so long blocks let the drift pick the winner.
 Prints each round's ratios and the running medians, then one JSON line with the ratios of the
-medians JAX/PyTorch (below 1: JAX is faster) and the compile time of the JAX train step.
+medians JAX/PyTorch (below 1: JAX is faster), the compile time of the JAX train step and its page
+faults per step.
 """
 from deeplab_jax import allocator
 
@@ -113,7 +114,10 @@ def main(argv):
   result = {"size": FLAGS.size, "batch": FLAGS.batch,
             "depthwise_impl": harness.depthwise_impl(config), "jax_allocator": allocator.loaded(),
             "torch_allocator": worker.info["allocator"], "torch_threads": worker.info["threads"],
-            "compile_s_train": round(steps["jax", "train"].compile_s, 2)}
+            "compile_s_train": round(steps["jax", "train"].compile_s, 2),
+            # After the warm-up run: the allocator's effect (glibc's malloc: ~337k a step).
+            "jax_train_page_faults_per_step": round(statistics.median(
+                steps["jax", "train"].fault_counts[1:]))}
   for name in variants:
     for mode in ("train", "infer"):
       result[f"{name}_{mode}_s"] = round(median[name, mode], 4)

@@ -34,8 +34,10 @@ class Step:
   compile_s: float
   _fn: object
   _args: tuple
+  fault_counts: list = dataclasses.field(default_factory=list)  # per run, this process's minor faults
 
   def run(self) -> float:
+    faults = page_faults()
     start = time.perf_counter()
     if self.mode == "train":
       state, metrics = self._fn(*self._args)
@@ -43,7 +45,9 @@ class Step:
       self._args = (state,) + self._args[1:]
     else:
       jax.block_until_ready(self._fn(*self._args))
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    self.fault_counts.append(page_faults() - faults)
+    return seconds
 
 
 def build(config, size: int, batch: int, mode: str) -> Step:
@@ -109,9 +113,8 @@ def measure(step: Step, steps: int, warmup: int) -> dict:
   """The figures of issue 6 for `steps` timed steps after `warmup` untimed ones."""
   for _ in range(warmup):
     step.run()
-  faults = page_faults()
   times = [step.run() for _ in range(steps)]
-  faults = (page_faults() - faults) / steps
+  faults = statistics.mean(step.fault_counts[-steps:])
   config, size = step.config, int(step.config.input.crop_size[0])
   batch = int(config.train.batch_size)
   gmacs = complexity.model_stats(config, size)["gmacs"]  # forward, one image

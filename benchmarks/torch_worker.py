@@ -13,6 +13,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_deeplab  # noqa: E402
 
+from deeplab_jax import allocator  # noqa: E402  (no jax import: it only reads LD_PRELOAD)
+
 
 def main():
   parser = argparse.ArgumentParser()
@@ -49,7 +51,7 @@ def main():
   steps = {"train": train_step, "infer": infer_step}
   info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
           "params": torch_deeplab.parameter_count(model),
-          "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system"}
+          "allocator": allocator.loaded()}
   print(json.dumps(info), flush=True)
   for line in sys.stdin:
     mode, count = line.split()

@@ -17,7 +17,7 @@ if __name__ == "__main__":  # first, before jax and TensorFlow load: see allocat
 import functools
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 import jax
 import numpy as np
@@ -86,9 +86,12 @@ def _define_flags():
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
-  results = runtime.run_command(lambda: evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step,
-                                                 **infer.strategy_options(FLAGS)))
-  path = write_results(FLAGS.workdir, results, FLAGS.config.dataset.eval_split)
+
+  def run():
+    results = evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step, **infer.strategy_options(FLAGS))
+    return results, write_results(FLAGS.workdir, results, FLAGS.config.dataset.eval_split)
+
+  results, path = runtime.run_command(run)
   logging.info("per class: %s", dict(zip(results["class_names"], results["per_class_iou"])))
   print(f"deeplab_jax: mean IoU {results['mean_iou']:.4f} ({results['strategy']}, step "
         f"{results['step']}, {results['images']} images; {path})")
@@ -96,4 +99,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  runtime.run_app(main)

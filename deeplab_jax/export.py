@@ -8,23 +8,37 @@ with 127.5 to the eval crop (`config.eval.crop_size`, where the network is compi
 evaluation does, and the labels are cropped back. Larger images: tile or resize them first, or use
 `deeplab_jax.infer.Predictor`. The network is serialized as StableHLO (jax2tf native serialization),
 so the SavedModel runs in TensorFlow and TF Serving on CPU and GPU; TFLite cannot run that op.
+
+The depthwise convs are serialized with a portable formulation whatever `config.model.depthwise_impl`
+says: "native" (what "auto" picks on one CPU) is a custom call into this package's C++ library, which
+a SavedModel cannot carry and jax.export refuses. "shift" (the default here: plain slices and
+multiply-adds, fast on XLA:CPU and fine on GPU) or "grouped" (`feature_group_count`, the reference;
+cuDNN's depthwise on GPU, slow on XLA:CPU) compute the same function.
 """
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from etils import epath
 import jax.numpy as jnp
 
 from deeplab_jax import infer, runtime
+from deeplab_jax.errors import ConfigError
+
+# Formulations made of standard ops only, so jax.export can serialize them (see the docstring).
+PORTABLE_DEPTHWISE = ("shift", "grouped")
 
 
-def export(predictor: infer.Predictor, output) -> epath.Path:
+def export(predictor: infer.Predictor, output, depthwise_impl: str = "shift") -> epath.Path:
   """Write the SavedModel of `predictor`'s network (at its eval output stride) to `output`."""
   import tensorflow as tf
   from jax.experimental import jax2tf
 
+  if depthwise_impl not in PORTABLE_DEPTHWISE:
+    raise ConfigError(f"depthwise_impl={depthwise_impl!r} cannot be serialized into a SavedModel; "
+                      f"use one of {', '.join(PORTABLE_DEPTHWISE)}")
   crop_h, crop_w = predictor.window
-  model, variables = predictor.model, predictor.variables
+  model = predictor.model.clone(depthwise_impl=depthwise_impl)
+  variables = predictor.variables
 
   def labels_at_crop(images):  # float32 (B, crop_h, crop_w, 3) in [0, 255]
     logits = infer._forward(model, variables, images)
@@ -63,6 +77,8 @@ def _define_flags():
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("output", None, "SavedModel directory to write.")
   flags.DEFINE_integer("output_stride", None, "Eval output stride (8, 16, 32; default: the config's).")
+  flags.DEFINE_enum("depthwise_impl", "shift", PORTABLE_DEPTHWISE,
+                    "How the depthwise convs are serialized: shift (fast on CPU) or grouped.")
   flags.mark_flags_as_required(["workdir", "output"])
 
 
@@ -72,13 +88,14 @@ def main(argv):
   def run():
     predictor = infer.Predictor.from_workdir(FLAGS.workdir, FLAGS.step,
                                              output_stride=FLAGS.output_stride)
-    return predictor, export(predictor, FLAGS.output)
+    return predictor, export(predictor, FLAGS.output, FLAGS.depthwise_impl)
 
   predictor, path = runtime.run_command(run)
   print(f"deeplab_jax: exported step {predictor.step} (output stride {predictor.output_stride}, "
-        f"images up to {predictor.window[0]}x{predictor.window[1]}) to {path}")
+        f"images up to {predictor.window[0]}x{predictor.window[1]}, depthwise convs as "
+        f"{FLAGS.depthwise_impl!r}: portable StableHLO) to {path}")
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  runtime.run_app(main)

@@ -402,6 +402,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
+  from deeplab_jax import runtime
   _define_flags()
-  app.run(main)
+  runtime.run_app(main)

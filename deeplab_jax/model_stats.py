@@ -7,12 +7,11 @@ Any `--config.*` override applies. The last line is one JSON object: params, bat
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from deeplab_jax import config as config_lib
+from deeplab_jax import runtime
 from deeplab_jax.models.complexity import format_table, model_stats
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -23,11 +22,8 @@ def main(argv):
   del argv
   config = _CONFIG.value
   if config is None:
-    sys.exit("model_stats: --config is required, e.g. --config=configs/voc_xception.py")
-  try:
-    stats = model_stats(config, _SIZE.value)
-  except config_lib.ConfigError as e:
-    sys.exit(f"model_stats: {e}")
+    raise app.UsageError("--config is required, e.g. --config=configs/voc_xception.py")
+  stats = runtime.run_command(lambda: model_stats(config, _SIZE.value), compile_cache=False)
   m = config.model
   print(f"{m.backbone}, OS{m.output_stride}, decoder={m.use_decoder}, "
         f"aspp_separable={m.aspp_separable}, decoder_separable={m.decoder_separable}, "
@@ -38,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run_app(main)

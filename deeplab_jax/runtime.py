@@ -1,9 +1,11 @@
 """Process-wide JAX settings shared by the command lines (training, evaluation, inference, benchmarks)."""
 from __future__ import annotations
 
+import errno
 import logging as logging_lib
 import os
 import sys
+import traceback
 
 from absl import logging as absl_logging
 import jax
@@ -35,15 +37,114 @@ def quiet_library_logs() -> None:
   absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
 
 
-def run_command(fn, *, compile_cache: bool = True):
-  """The command lines' shared setup: compilation cache, quiet library logs, and a UserError turned
-  into one stderr line and its exit code instead of a traceback."""
+# What a failed system call on a path the user gave means, and what to do about it.
+_OS_ERRORS = {
+    errno.ENOENT: "does not exist; check the path",
+    errno.EACCES: "is not accessible (permission denied); choose a path you can write, or fix its "
+                  "permissions",
+    errno.EPERM: "is not accessible (operation not permitted); choose another path",
+    errno.EROFS: "is on a read-only file system; choose a writable path",
+    errno.ENOSPC: "could not be written: the disk is full; free space or choose another path",
+    errno.EDQUOT: "could not be written: the disk quota is exceeded; free space or choose another path",
+    errno.ENOTDIR: "is not a folder (a file stands in its path); choose another path",
+    errno.EISDIR: "is a folder where a file was expected; give the file's path",
+    errno.EEXIST: "already exists as something else; choose another path",
+}
+
+# TensorFlow's file-system errors (tf.io.gfile, gs:// paths), matched by name: no TF import here.
+_TF_FILE_ERRORS = {
+    "NotFoundError": "was not found; check the path",
+    "PermissionDeniedError": "is not accessible (permission denied); check the credentials or path",
+    "ResourceExhaustedError": "ran out of a resource (disk, memory or quota); free some and retry",
+    "FailedPreconditionError": "cannot be used as it is (e.g. a file where a folder is needed); "
+                               "check the path",
+}
+
+
+def user_error_line(e: BaseException) -> tuple[str, int] | None:
+  """(one line naming the problem and the fix, exit code) for exceptions a user's input or machine
+  causes; None for anything else (a bug: its traceback is kept)."""
   from deeplab_jax.errors import UserError
+  if isinstance(e, UserError):
+    return str(e), e.exit_code
+  if isinstance(e, OSError) and e.errno in _OS_ERRORS:
+    where = e.filename if e.filename is not None else "a file"
+    return f"{where} {_OS_ERRORS[e.errno]} ({os.strerror(e.errno)})", OS_ERROR_EXIT
+  name = type(e).__name__
+  if type(e).__module__.startswith("tensorflow") and name in _TF_FILE_ERRORS:
+    return f"{_summary(str(e))}: {_TF_FILE_ERRORS[name]}", OS_ERROR_EXIT
+  if "RESOURCE_EXHAUSTED" in str(e) and "memory" in str(e).lower():
+    return (f"out of device memory ({_summary(str(e))[:200]}); lower config.train.batch_size or "
+            f"config.input.crop_size, or use more devices", OS_ERROR_EXIT)
+  return None
+
+
+OS_ERROR_EXIT = 6  # beside errors.UserError's codes 1-5
+BUG_EXIT = 70  # EX_SOFTWARE
+
+
+def run_command(fn, *, compile_cache: bool = True):
+  """The command lines' shared setup: compilation cache, quiet library logs, and errors turned into
+  one stderr line `deeplab_jax: error: ...` and a non-zero exit. What the user can fix (a UserError,
+  a missing or unwritable path, a full disk, memory) gets that line alone; anything else is a bug:
+  its traceback, then a last line that says so (never a traceback ending in an empty message)."""
   if compile_cache:
     enable_compilation_cache()
   quiet_library_logs()
   try:
     return fn()
-  except UserError as e:
-    print(f"deeplab_jax: error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+  except KeyboardInterrupt:
+    _fail("interrupted", 130)
+  except Exception as e:  # noqa: BLE001: every exception ends in one readable line
+    known = user_error_line(e)
+    if known is not None:
+      _fail(*known)
+    traceback.print_exc()
+    _fail(f"unexpected {type(e).__name__}: {_summary(str(e))[:300]} (a bug in deeplab_jax or its "
+          f"libraries: please report it with the traceback above)", BUG_EXIT)
+
+
+def _parse_flags(argv):
+  """absl's parsing, with a bad flag, config override or config file reported in one line."""
+  from absl import flags
+  try:
+    remaining = flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{_summary(str(e))}; see --helpshort", 2)
+  except KeyError as e:  # ml_collections: an override naming no field of the config
+    _fail(f"a --config.* override names no field of the config: {_summary(str(e.args[0]))}", 2)
+  for name in flags.FLAGS:
+    flag = flags.FLAGS[name]
+    if type(flag.value).__name__ == "_ErrorConfig":  # ml_collections defers a failed load to its use
+      reason = _summary(str(flag.value._error), last=True)
+      _fail(f"--{name}={flag.config_filename} could not be loaded ({reason}); give the path of a "
+            f"config file, e.g. configs/shapes.py", 2)
+  return remaining
+
+
+def run_app(main):
+  """`absl.app.run(main)` for the command lines, with flag errors in one line too (run_command has
+  the rest)."""
+  from absl import app
+
+  def main_with_usage_line(argv):
+    try:
+      return main(argv)
+    except app.UsageError as e:  # absl would print the module's whole docstring first
+      _fail(f"{e}; see --helpshort", 2)
+
+  app.run(main_with_usage_line, flags_parser=_parse_flags)
+
+
+def _summary(message: str, last: bool = False) -> str:
+  """One line of a possibly multi-line message: its first two lines joined (or its last line)."""
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  if not lines:
+    return "(no message)"
+  return lines[-1] if last else " ".join(lines[:2])
+
+
+def _fail(line: str, code: int):
+  sys.stdout.flush()
+  print(f"deeplab_jax: error: {line}", file=sys.stderr, flush=True)
+  sys.exit(code)

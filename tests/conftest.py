@@ -31,6 +31,35 @@ def random_variables(model, input_shape, seed: int = 0):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+def assert_close_at_scale(got, want, rtol: float, what: str = ""):
+  """max |got - want| <= rtol * max |want|: two float32 programs that sum in another order (another
+  formulation, remat, another host's vector width: AVX2 against AVX-512) differ by rounding relative
+  to the array's scale, not to each entry; entries near zero carry no relative precision at all."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, (what, got.shape, want.shape)
+  if not want.size:
+    return
+  scale, error = float(np.max(np.abs(want))), float(np.max(np.abs(got - want)))
+  assert error <= rtol * scale + np.finfo(np.float32).tiny, (
+      f"{what}: max |difference| {error:.3g} > {rtol:g} x scale {scale:.3g}")
+
+
+def assert_trees_close_at_scale(got, want, rtol: float):
+  """`assert_close_at_scale` leaf by leaf, at the scale of the whole tree (its largest entry): a leaf
+  whose true value is zero (the gradient of a BN bias that a later train-mode BN cancels) holds
+  only rounding noise from sums of much larger terms, so its own largest entry is no scale at all."""
+  got_leaves = jax.tree_util.tree_leaves_with_path(got)
+  want_leaves = jax.tree_util.tree_leaves(want)
+  assert len(got_leaves) == len(want_leaves)
+  scale = max((float(np.max(np.abs(np.asarray(b)))) for b in want_leaves if np.size(b)), default=0.0)
+  for (path, a), b in zip(got_leaves, want_leaves):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (jax.tree_util.keystr(path), a.shape, b.shape)
+    error = float(np.max(np.abs(a - b))) if a.size else 0.0
+    assert error <= rtol * scale + np.finfo(np.float32).tiny, (
+        f"{jax.tree_util.keystr(path)}: max |difference| {error:.3g} > {rtol:g} x tree scale {scale:.3g}")
+
+
 @pytest.fixture
 def repo_root():
   return REPO
@@ -63,10 +92,8 @@ TINY_OVERRIDES = {
     "train.log_every_steps": 2,
     "eval.batch_size": 8,
     "checkpoint.keep": 2,
-    # The reference depthwise formulation: the same numbers as the shift path that "auto" picks on
-    # CPU (tests/test_layers.py checks forward and gradients), and its programs compile about 18%
-    # faster (a 30-step tiny run: 52 s against 63 s), which keeps the suite within 10 minutes.
-    "model.depthwise_impl": "grouped",
+    # Sizes and frequencies only: the model's path (depthwise_impl "auto", remat, dtype) stays the
+    # config's default, so the tests run what users run.
 }
 TINY_FLAGS = [f"--config.{key}={value}" for key, value in TINY_OVERRIDES.items()]
 
@@ -91,6 +118,28 @@ def tiny_data_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   input_pipeline.load_builder(tiny_config(data_dir))
   return data_dir
+
+
+TRAINED_STEPS = 30
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_data_dir, compile_cache_env):
+  """README command 1's code path, shrunk: the real main, 30 steps, evaluation every 10; the workdir
+  is what infer, evaluate and export are run on."""
+  workdir = tmp_path_factory.mktemp("trained")
+  result = run_module(["deeplab_jax.main", "--config=configs/shapes.py", f"--workdir={workdir}",
+                       f"--config.dataset.data_dir={tiny_data_dir}",
+                       f"--config.train.steps={TRAINED_STEPS}", *TINY_FLAGS,
+                       "--config.eval.every_steps=10", "--config.checkpoint.every_steps=5"],
+                      env=compile_cache_env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+@pytest.fixture
+def trained_workdir(trained_run, tiny_data_dir):
+  return trained_run[0], tiny_data_dir
 
 
 @pytest.fixture(scope="session")

@@ -229,20 +229,3 @@ def test_cli_segments_a_folder_of_mixed_sizes_with_few_compilations(eight_device
     assert mask.mode == "P" and mask.size == (w, h) and np.asarray(mask).max() < 6
     assert Image.open(tmp_path / "out" / f"{k}_overlay.jpg").size == (w, h)
   assert Image.open(tmp_path / "out" / "rgba.png").size == (100, 70)
-
-
-def test_the_savedmodel_gives_the_predictors_labels(eight_device_workdir, tmp_path):
-  """Any size up to the eval crop (129) in one signature; images of 66-129 px pad to 129 in the
-  predictor too, so the two see the same input and must agree exactly."""
-  from deeplab_jax import export
-  workdir, _ = eight_device_workdir
-  predictor = infer.Predictor.from_workdir(workdir)
-  path = export.export(predictor, tmp_path / "savedmodel")
-  serve = tf.saved_model.load(str(path)).signatures["serving_default"]
-  for height, width in ((129, 129), (100, 77)):
-    batch = np.stack([_image(height, width, seed) for seed in range(3)])
-    labels = serve(images=tf.constant(batch))["labels"].numpy()
-    assert labels.shape == (3, height, width) and labels.dtype == np.uint8
-    np.testing.assert_array_equal(labels, np.stack(predictor.predict(batch)))
-  with pytest.raises(tf.errors.InvalidArgumentError, match="at most 129x129"):
-    serve(images=tf.constant(_image(130, 20)[None]))

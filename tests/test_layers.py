@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_close_at_scale
 from deeplab_jax.models import layers
 
 
@@ -96,9 +97,9 @@ def test_narrow_conv_as_patch_matmul_equals_xla_conv_with_gradients(size, kernel
 
   assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, w))  # the patch matmul on CPU
   cotangent = jnp.asarray(rng.normal(size=xla(x, w).shape).astype(np.float32))
-  np.testing.assert_allclose(ours(x, w), xla(x, w), rtol=1e-5, atol=1e-5)
+  assert_close_at_scale(ours(x, w), xla(x, w), 1e-5, "output")
   for got, want in zip(jax.vjp(ours, x, w)[1](cotangent), jax.vjp(xla, x, w)[1](cotangent)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert_close_at_scale(got, want, 1e-5, "gradient")
 
 
 def test_wide_conv_stays_an_xla_conv():

@@ -50,4 +50,4 @@ def test_cli_rejects_a_bad_config_value_in_one_line():
                        "--config.model.output_stride=12"])
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
-      "model_stats: config.model.output_stride=12 is not supported; use 8, 16 or 32")
+      "deeplab_jax: error: config.model.output_stride=12 is not supported; use 8, 16 or 32")

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_variables
+from conftest import assert_trees_close_at_scale, random_variables
 from deeplab_jax import config as config_lib
 from deeplab_jax.models import create_model, heads, upsample_logits
 from deeplab_jax.models.mobilenet_v2 import MobileNetV2
@@ -221,9 +221,8 @@ def test_remat_keeps_parameters_values_and_gradients():
   (loss, updates), grads = jax.jit(lambda v, x: _loss_and_grads(plain, v, x))(variables, x)
   (loss_r, updates_r), grads_r = jax.jit(lambda v, x: _loss_and_grads(remat, v, x))(variables, x)
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
-  leaves = jax.tree_util.tree_leaves
-  for got, want in zip(leaves((grads_r, updates_r)), leaves((grads, updates))):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  # Recomputation reorders float32 sums; a missing or stale activation would be off by O(1) x scale.
+  assert_trees_close_at_scale((grads_r, updates_r), (grads, updates), rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["xception_41", "resnet_50", "mobilenet_v2"])

@@ -13,16 +13,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, TINY_FLAGS, run_module
+from conftest import REPO, TINY_FLAGS, TRAINED_STEPS as RESUME_STEPS, run_module
 from deeplab_jax import train
 from deeplab_jax.errors import NonFiniteLossError
-
-RESUME_STEPS = 30
-
-
-def _main_args(workdir, data_dir, steps, *extra):
-  return ["deeplab_jax.main", "--config=configs/shapes.py", f"--workdir={workdir}",
-          f"--config.dataset.data_dir={data_dir}", f"--config.train.steps={steps}", *TINY_FLAGS, *extra]
 
 
 def _final_params(workdir, step):
@@ -31,14 +24,9 @@ def _final_params(workdir, step):
   return restored["params"], restored["batch_stats"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_run(tmp_path_factory, tiny_data_dir, compile_cache_env):
-  """README command 1's code path, shrunk: the real main, 30 steps, evaluation every 10."""
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  result = run_module(_main_args(workdir, tiny_data_dir, RESUME_STEPS, "--config.eval.every_steps=10",
-                                 "--config.checkpoint.every_steps=5"), env=compile_cache_env)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result
+@pytest.fixture
+def uninterrupted_run(trained_run):
+  return trained_run
 
 
 def test_smoke_run_writes_metrics_summaries_and_checkpoints(uninterrupted_run):
