@@ -77,11 +77,17 @@ def test_infer_evaluate_and_export_work_on_a_default_workdir(trained_workdir, tm
                                   predictor.predict(str(images / f"{k}.png")))
 
 
-def test_export_refuses_a_formulation_it_cannot_serialize(trained_workdir):
+def test_export_takes_the_reference_formulation_and_refuses_one_it_cannot_serialize(
+    trained_workdir, tmp_path):
   from deeplab_jax import export
   predictor = infer.Predictor.from_workdir(trained_workdir[0])
   with pytest.raises(ConfigError, match="depthwise_impl='native' cannot be serialized"):
-    export.export(predictor, "/nonexistent", depthwise_impl="native")
+    export.export(predictor, tmp_path / "native", depthwise_impl="native")
+  assert not (tmp_path / "native").exists()
+  path = export.export(predictor, tmp_path / "grouped", depthwise_impl="grouped")
+  serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+  labels = serve(images=tf.constant(np.zeros((2, 40, 50, 3), np.uint8)))["labels"].numpy()
+  assert labels.shape == (2, 40, 50) and labels.max() < 6
 
 
 def test_bad_input_to_each_command_ends_in_one_line_and_a_nonzero_exit(trained_workdir, tmp_path):
