@@ -37,6 +37,10 @@ def quiet_library_logs() -> None:
   absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
 
 
+OS_ERROR_EXIT = 6  # beside errors.UserError's codes 1-5
+BUG_EXIT = 70  # EX_SOFTWARE
+
+
 # What a failed system call on a path the user gave means, and what to do about it.
 _OS_ERRORS = {
     errno.ENOENT: "does not exist; check the path",
@@ -77,10 +81,6 @@ def user_error_line(e: BaseException) -> tuple[str, int] | None:
     return (f"out of device memory ({_summary(str(e))[:200]}); lower config.train.batch_size or "
             f"config.input.crop_size, or use more devices", OS_ERROR_EXIT)
   return None
-
-
-OS_ERROR_EXIT = 6  # beside errors.UserError's codes 1-5
-BUG_EXIT = 70  # EX_SOFTWARE
 
 
 def run_command(fn, *, compile_cache: bool = True):

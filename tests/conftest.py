@@ -31,15 +31,17 @@ def random_variables(model, input_shape, seed: int = 0):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def assert_close_at_scale(got, want, rtol: float, what: str = ""):
-  """max |got - want| <= rtol * max |want|: two float32 programs that sum in another order (another
-  formulation, remat, another host's vector width: AVX2 against AVX-512) differ by rounding relative
-  to the array's scale, not to each entry; entries near zero carry no relative precision at all."""
+def assert_close_at_scale(got, want, rtol: float, what: str = "", scale: float | None = None):
+  """max |got - want| <= rtol * scale, the scale being max |want| unless given: two float32 programs
+  that sum in another order (another formulation, remat, another host's vector width: AVX2 against
+  AVX-512) differ by rounding relative to the quantity's scale, not to each entry; entries near zero
+  carry no relative precision at all."""
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   assert got.shape == want.shape, (what, got.shape, want.shape)
   if not want.size:
     return
-  scale, error = float(np.max(np.abs(want))), float(np.max(np.abs(got - want)))
+  scale = float(np.max(np.abs(want))) if scale is None else scale
+  error = float(np.max(np.abs(got - want)))
   assert error <= rtol * scale + np.finfo(np.float32).tiny, (
       f"{what}: max |difference| {error:.3g} > {rtol:g} x scale {scale:.3g}")
 
@@ -53,11 +55,7 @@ def assert_trees_close_at_scale(got, want, rtol: float):
   assert len(got_leaves) == len(want_leaves)
   scale = max((float(np.max(np.abs(np.asarray(b)))) for b in want_leaves if np.size(b)), default=0.0)
   for (path, a), b in zip(got_leaves, want_leaves):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (jax.tree_util.keystr(path), a.shape, b.shape)
-    error = float(np.max(np.abs(a - b))) if a.size else 0.0
-    assert error <= rtol * scale + np.finfo(np.float32).tiny, (
-        f"{jax.tree_util.keystr(path)}: max |difference| {error:.3g} > {rtol:g} x tree scale {scale:.3g}")
+    assert_close_at_scale(a, b, rtol, jax.tree_util.keystr(path), scale=scale)
 
 
 @pytest.fixture

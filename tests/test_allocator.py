@@ -42,7 +42,7 @@ def run_child(tmp_path, **env):
   result = subprocess.run([sys.executable, str(script), "--a=1", "b c"], capture_output=True,
                           text=True, env=environ | {"PYTHONPATH": REPO} | env, timeout=60)
   assert result.returncode == 0, result.stderr
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return json.loads(result.stdout.strip().splitlines()[-1]) | {"stderr": result.stderr}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD re-exec is Linux-only")
@@ -65,9 +65,6 @@ def test_opting_out_keeps_the_system_allocator(tmp_path):
 
 
 def test_an_unknown_choice_warns_and_uses_the_default(tmp_path):
-  script = tmp_path / "child.py"
-  script.write_text(CHILD)
-  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, PYTHONPATH=REPO, DEEPLAB_JAX_ALLOCATOR="jemaloc"))
-  assert result.returncode == 0, result.stderr
-  assert "DEEPLAB_JAX_ALLOCATOR='jemaloc' is not one of system" in result.stderr
+  out = run_child(tmp_path, DEEPLAB_JAX_ALLOCATOR="jemaloc")
+  assert "DEEPLAB_JAX_ALLOCATOR='jemaloc' is not one of system" in out["stderr"]
+  assert out["loaded"] == ("mimalloc" if sys.platform.startswith("linux") else "system")
