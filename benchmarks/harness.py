@@ -126,12 +126,17 @@ def measure(step: Step, steps: int, warmup: int) -> dict:
       "mode": step.mode, "backend": jax.default_backend(), "devices": jax.device_count(),
       "depthwise_impl": depthwise_impl(config), "allocator": allocator.loaded(),
       "size": size, "batch": batch, "dtype": str(config.model.dtype),
-      "compile_s": round(step.compile_s, 2), "step_s": round(step_s, 4),
-      "step_s_min": round(min(times), 4), "images_per_s": round(batch / step_s, 2),
+      "compile_s": round(step.compile_s, 2), "step_s": _significant(step_s),
+      "step_s_min": _significant(min(times)), "images_per_s": round(batch / step_s, 2),
       "peak_mem_gb": round(peak_memory_gb(), 2), "page_faults_per_step": round(faults),
       "gmacs": round(gmacs * batch, 2), "gflops_per_s": round(gflop / step_s, 1),
       "matmul_gflops_per_s": round(matmul, 1), "roofline_ratio": round(gflop / step_s / matmul, 3),
   }
+
+
+def _significant(seconds: float, digits: int = 4) -> float:
+  """Seconds to `digits` significant figures: a tiny model's 2 ms step keeps its precision."""
+  return float(f"{seconds:.{digits}g}")
 
 
 def depthwise_impl(config) -> str:
