@@ -6,7 +6,14 @@ Meant for accelerators: the paper's global batch 16 at a 513 crop (a TPU v3-8 or
 16 GB each). 30,000 steps on train_aug, SGD momentum 0.9, poly lr 0.007, weight decay 4e-5, evaluation
 on val at OS16; `--config.eval.output_stride=8` evaluates the same weights at OS8. Prepare the data
 first (`python -m deeplab_jax.datasets.prepare voc2012_segmentation --manual_dir=DIR --data_dir=DATA`,
-README, Data); the paper's 79.8% also needs ImageNet-pretrained weights (a later issue).
+README, Data). The paper's 79.8% starts from ImageNet weights: convert the official checkpoint
+(xception_65_imagenet_2018_05_09.tar.gz, extracted; or timm's xception65, README, Pretrained weights)
+and pass the folder:
+
+  python -m deeplab_jax.weights convert --from=tf_deeplab --input=xception_65/model.ckpt \
+      --output=gs://BUCKET/xception_65_imagenet
+  python -m deeplab_jax.main --config=configs/voc_xception.py --workdir=gs://BUCKET/voc_xception \
+      --config.init_from.path=gs://BUCKET/xception_65_imagenet
 """
 from deeplab_jax import config as config_lib
 

@@ -16,6 +16,8 @@ OUTPUT_STRIDES = (8, 16, 32)
 DTYPES = ("float32", "bfloat16")
 DEPTHWISE_IMPLS = ("auto", "grouped", "shift", "native")
 PARAM_SHARDINGS = ("replicated", "fsdp")
+INIT_FORMATS = ("orbax", "timm", "tf_deeplab")
+INIT_SCOPES = ("backbone", "all")
 # ASPP rates at output stride 16 (SPEC section 5); other strides scale them by 16 / OS.
 ATROUS_RATES_AT_OS16 = (6, 12, 18)
 
@@ -104,6 +106,16 @@ def default_config() -> ml_collections.ConfigDict:
   # All devices form one `data` axis. "fsdp" also shards large parameters and optimizer state over it.
   config.mesh.param_sharding = "replicated"
   config.mesh.fsdp_min_size = 2**18  # parameters smaller than this stay replicated under "fsdp"
+
+  # Pretrained weights for a run that starts with no checkpoint in its workdir (resume always wins):
+  # `path` is a folder written by `python -m deeplab_jax.weights convert`, a training workdir, or with
+  # format "timm" / "tf_deeplab" the original file (README, Pretrained weights). scope "backbone"
+  # loads an ImageNet backbone and leaves the heads at their init; "all" loads a whole DeepLab (logits
+  # of another class count stay at their init).
+  config.init_from = ml_collections.ConfigDict()
+  config.init_from.path = config_dict.placeholder(str)  # None: train from scratch
+  config.init_from.format = "orbax"  # "orbax" | "timm" | "tf_deeplab"
+  config.init_from.scope = "backbone"  # "backbone" | "all"
   return config
 
 
@@ -203,6 +215,16 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
   eval_os = config.eval.output_stride
   if eval_os is not None and eval_os not in OUTPUT_STRIDES:
     raise ConfigError(f"config.eval.output_stride={eval_os} is not supported; use 8, 16, 32 or None")
+  init = config.get("init_from")
+  if init is not None and init.get("path") is not None:
+    if init.format not in INIT_FORMATS:
+      raise ConfigError(f"config.init_from.format={init.format!r}: choose one of "
+                        f"{', '.join(INIT_FORMATS)}")
+    if init.scope not in INIT_SCOPES:
+      raise ConfigError(f"config.init_from.scope={init.scope!r}: choose one of {', '.join(INIT_SCOPES)}")
+    if init.format == "timm" and init.scope == "all":
+      raise ConfigError("config.init_from.scope='all' with format 'timm': timm files hold an ImageNet "
+                        "backbone only; set config.init_from.scope=backbone")
   if config.mesh.param_sharding not in PARAM_SHARDINGS:
     raise ConfigError(f"config.mesh.param_sharding={config.mesh.param_sharding!r}: choose one of "
                       f"{', '.join(PARAM_SHARDINGS)}")

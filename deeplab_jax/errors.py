@@ -25,3 +25,7 @@ class CheckpointError(UserError):
 class NonFiniteLossError(UserError):
   """Training produced a NaN or infinite loss; the last checkpoint is left intact."""
   exit_code = 5
+
+
+class WeightsError(CheckpointError):
+  """Pretrained weights that are unreadable, of another architecture, or do not fit the model."""

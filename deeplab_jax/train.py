@@ -26,6 +26,7 @@ from deeplab_jax import checkpoints, datasets, input_pipeline, losses, metrics, 
 from deeplab_jax import config as config_lib
 from deeplab_jax.errors import NonFiniteLossError
 from deeplab_jax.models import create_model, upsample_logits
+from deeplab_jax.weights import init_from
 
 # Params are the same at any size; a small input keeps the init program small.
 _INIT_SIZE = 65
@@ -236,15 +237,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpoints.create_manager(workdir, keep=int(config.checkpoint.keep),
                                        async_save=bool(config.checkpoint.async_save))
   latest = manager.latest_step()
+  pretrained = None
+  if latest is None and config.init_from.path is not None:  # read and matched before any compile
+    pretrained = init_from.prepare(config, {"params": abstract_state.params,
+                                            "batch_stats": abstract_state.batch_stats})
   if latest is None:
     state = init(init_rng)
     logging.info("initialized a new %s DeepLab", config.model.backbone)
+    if pretrained is not None:
+      state = init_from.apply(state, pretrained[0])
   else:
     state = checkpoints.restore(manager, latest, sharding.with_shardings(abstract_state, state_sh))
     logging.info("resumed from %s", manager.directory / str(latest))
   start_step, total_steps = int(jax.device_get(state.step)), int(config.train.steps)
   if is_chief:
     _write_config(workdir, config)
+  if pretrained is not None:
+    init_from.write_report(pretrained[1], workdir)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief, asynchronous=True)
   if start_step == 0:

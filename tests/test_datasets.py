@@ -1,6 +1,5 @@
 """Builders on fake downloads in the real layouts: split sizes, which image and mask each example got,
 label values and id mappings; the prepare command's messages."""
-import json
 import os
 
 import numpy as np
@@ -9,8 +8,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import fake_data
-from conftest import REPO, load_config, run_module, tiny_config
-from deeplab_jax import datasets, input_pipeline, train
+from conftest import run_module, tiny_config
+from deeplab_jax import datasets, input_pipeline
 from deeplab_jax.datasets import ade20k, cityscapes
 from deeplab_jax.errors import ConfigError, DataError
 
@@ -170,23 +169,3 @@ def test_resize_to_range_follows_the_official_rule():
   assert size(100, 100, 513, 513, 16) == (513, 513)
   assert size(300, 200, 400) == (600, 400)  # no max: the shorter side to min
   assert size(300, 200, 400, 500) == (500, 333)  # 600 > 500: the longer side to max instead
-
-
-def test_voc_xception_config_trains_end_to_end_on_fake_voc(voc_data_dir, tmp_path):
-  """The real config, only shrunk: Xception-65, train_aug, 21 classes; 2 steps at a 33 crop."""
-  data_dir, _ = voc_data_dir
-  config = load_config(os.path.join(REPO, "configs", "voc_xception.py"))
-  config.dataset.data_dir = str(data_dir)
-  config.input.crop_size = (33, 33)
-  config.train.steps, config.train.batch_size, config.train.log_every_steps = 2, 2, 1
-  config.eval.crop_size, config.eval.batch_size = (17, 17), 2  # the fake images are 9x11
-  config.checkpoint.every_steps = 2
-  config.model.depthwise_impl = "grouped"  # compiles faster; see TINY_OVERRIDES in conftest.py
-  results = train.train_and_evaluate(config, str(tmp_path / "work"))
-  final = json.loads((tmp_path / "work" / "final_metrics.json").read_text())
-  assert final["step"] == 2 and 0 <= final["mean_iou"] <= 1
-  assert list(final["per_class_iou"]) == list(datasets.VOC_CLASS_NAMES)
-  # Every labelled val pixel was evaluated once: 3 images of 9x11, minus their 255 pixels.
-  labelled = sum(int((fake_data.label_pattern(k, list(range(21)) + [255], fake_data.VOC_SHAPE)
-                      != 255).sum()) for k in VOC["voc_val"])
-  assert int(np.asarray(results["confusion_matrix"]).sum()) == labelled
