@@ -30,7 +30,6 @@ class Format:
   """How one file format names a conv's tensors and lays out its kernels."""
   name: str
   bn_leaves: dict  # our BN leaf -> the source's suffix
-  bias_leaf: str
   conv_layout: Callable[[np.ndarray], np.ndarray]  # the source's kernel -> (kh, kw, cin, cout)
   depthwise_layout: Callable[[np.ndarray], np.ndarray]  # -> (kh, kw, 1, C)
   # Source tensors that no network here holds and that are fine to leave behind (classifier heads,

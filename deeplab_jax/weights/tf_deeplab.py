@@ -40,7 +40,7 @@ FORMAT = mapping.Format(
     name="tf_deeplab",
     bn_leaves={"bn/scale": "gamma", "bn/bias": "beta", "bn/mean": "moving_mean",
                "bn/var": "moving_variance"},
-    bias_leaf="biases", conv_layout=mapping.tf_conv, depthwise_layout=mapping.tf_depthwise,
+    conv_layout=mapping.tf_conv, depthwise_layout=mapping.tf_depthwise,
     ignorable=_ignorable)
 
 

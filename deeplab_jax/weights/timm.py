@@ -55,7 +55,7 @@ FORMAT = mapping.Format(
     name="timm",
     bn_leaves={"bn/scale": "weight", "bn/bias": "bias", "bn/mean": "running_mean",
                "bn/var": "running_var"},
-    bias_leaf="bias", conv_layout=mapping.torch_conv, depthwise_layout=mapping.torch_conv,
+    conv_layout=mapping.torch_conv, depthwise_layout=mapping.torch_conv,
     ignorable=_ignorable)
 
 
