@@ -29,3 +29,9 @@ class NonFiniteLossError(UserError):
 
 class WeightsError(CheckpointError):
   """Pretrained weights that are unreadable, of another architecture, or do not fit the model."""
+
+
+class Preempted(UserError):
+  """SIGTERM (a spot VM's preemption notice): every process saved the same step; rerunning the same
+  command resumes from it. Not a failure, but not a finished run either."""
+  exit_code = 143  # 128 + SIGTERM

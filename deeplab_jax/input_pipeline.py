@@ -1,9 +1,10 @@
-"""tf.data input: SPEC section 8 augmentation, padded evaluation batches, per-process shards, exact resume.
+"""tf.data input: SPEC section 8 augmentation, padded evaluation batches, per-process rows, exact resume.
 
-Training order is a function of (seed, step) only: epoch e is the process's shard shuffled with a seed
-derived from e, and example k's augmentation draws from a stateless seed derived from k. A run resumed
-at step N therefore sees the same batch N as an uninterrupted run, replaying at most one epoch of
-encoded reads (no decoding) to get there.
+Training order is a function of (seed, step) only, whatever the number of processes: epoch e is the
+split shuffled with a seed derived from e, global batch N is examples [N * B, (N + 1) * B) of that
+stream (each process decodes its rows of it), and example k's augmentation draws from a stateless seed
+derived from k. A run resumed at step N, on any number of hosts, therefore sees the same batch N as an
+uninterrupted run, replaying at most one epoch of encoded reads (no decoding) to get there.
 """
 from __future__ import annotations
 
@@ -173,17 +174,18 @@ def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
   """This process's training batches from `start_step` on: {"image": f32 (b, h, w, 3), "label": u8}."""
   split = config.dataset.train_split
   _check_split(builder, split, "config.dataset.train_split")
-  local_batch = _local_batch(config.train.batch_size, "config.train.batch_size")
-  index, count = jax.process_index(), jax.process_count()
-  # Shards may differ by one example: each process repeats its own shard forever, so unequal sizes
-  # cost nothing, while dropping the remainder would leave examples that no process ever reads.
-  shard = tfds.split_for_jax_process(split, process_index=index, process_count=count,
-                                     drop_remainder=False)
-  shard_size = builder.info.splits[shard].num_examples
-  if shard_size == 0:
-    raise DataError(f"split {split!r} of {builder.info.full_name} has no examples for process {index} "
-                    f"of {count}; use a larger split or fewer processes")
-  raw = _read(builder, shard, config.input.cache)
+  global_batch = int(config.train.batch_size)
+  local_batch = _local_batch(global_batch, "config.train.batch_size")
+  index = jax.process_index()
+  # Every process reads the whole split's encoded records in one seeded order (the global stream)
+  # and decodes only its rows of each global batch: the batches, and so the run, are the same for
+  # any number of processes (a job resumed on another slice size continues exactly), at the cost of
+  # each host reading every encoded record (DeepLab's data sets are small: VOC train_aug ~1 GB).
+  size = builder.info.splits[split].num_examples
+  if size == 0:
+    raise DataError(f"split {split!r} of {builder.info.full_name} has no examples; check "
+                    f"config.dataset.train_split")
+  raw = _read(builder, split, config.input.cache)
   seed = int(config.seed)
   buffer = int(config.input.shuffle_buffer)
 
@@ -191,11 +193,13 @@ def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
     # Each epoch's order depends only on (seed, e), so any epoch can be started directly.
     return raw.shuffle(buffer, seed=tf.cast(seed, tf.int64) * 1_000_003 + e)
 
-  first = int(start_step) * local_batch
-  start_epoch, offset = divmod(first, shard_size)
+  first = int(start_step) * global_batch
+  start_epoch, offset = divmod(first, size)
   ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch).skip(offset)
-  # Example k of this process (counting from step 0) gets augmentation seed (seed, k * count + index).
+  # Example k of the global stream (counting from step 0) gets augmentation seed (seed, k).
   ds = tf.data.Dataset.zip(ds, tf.data.Dataset.range(first, 2**62))
+  if local_batch != global_batch:  # this process's rows [index * b, (index + 1) * b) of each batch
+    ds = ds.filter(lambda example, k: (k % global_batch) // local_batch == index)
   aug = dict(crop_size=tuple(int(v) for v in config.input.crop_size),
              min_scale=float(config.input.min_scale), max_scale=float(config.input.max_scale),
              scale_step=float(config.input.scale_step), flip=bool(config.input.flip),
@@ -205,7 +209,7 @@ def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
 
   def prepare(example, k):
     image, label = decode(*example)
-    image, label = augment(image, label, tf.stack([tf.cast(seed, tf.int64), k * count + index]), **aug)
+    image, label = augment(image, label, tf.stack([tf.cast(seed, tf.int64), k]), **aug)
     return {"image": image, "label": label[..., 0]}
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)

@@ -84,6 +84,7 @@ def user_error_line(e: BaseException) -> tuple[str, int] | None:
 
 
 def run_command(fn, *, compile_cache: bool = True):
+  from deeplab_jax.errors import Preempted
   """The command lines' shared setup: compilation cache, quiet library logs, and errors turned into
   one stderr line `deeplab_jax: error: ...` and a non-zero exit. What the user can fix (a UserError,
   a missing or unwritable path, a full disk, memory) gets that line alone; anything else is a bug:
@@ -95,6 +96,10 @@ def run_command(fn, *, compile_cache: bool = True):
     return fn()
   except KeyboardInterrupt:
     _fail("interrupted", 130)
+  except Preempted as e:  # a clean stop, not an error
+    sys.stdout.flush()
+    print(f"deeplab_jax: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
   except Exception as e:  # noqa: BLE001: every exception ends in one readable line
     known = user_error_line(e)
     if known is not None:

@@ -22,9 +22,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from deeplab_jax import checkpoints, datasets, input_pipeline, losses, metrics, optim, sharding, visualize
+from deeplab_jax import (checkpoints, datasets, distributed, input_pipeline, losses, metrics, optim,
+                         sharding, visualize)
 from deeplab_jax import config as config_lib
-from deeplab_jax.errors import NonFiniteLossError
+from deeplab_jax.errors import NonFiniteLossError, Preempted
 from deeplab_jax.models import create_model, upsample_logits
 from deeplab_jax.weights import init_from
 
@@ -268,6 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write_images(step, {f"eval/example_{k}": im[None] for k, im in enumerate(images)})
     return results
 
+  preemption = distributed.Preemption()
   try:
     if start_step < total_steps:
       batch_sh = sharding.batch_sharding(mesh)
@@ -289,15 +291,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           writer.write_scalars(step, {f"train/{k}": float(np.mean([m[k] for m in fetched]))
                                       for k in ("loss", "grad_norm", "learning_rate")})
           pending = []
-        if step % config.checkpoint.every_steps == 0 or last:
+        saved = step % config.checkpoint.every_steps == 0 or last
+        if saved:
           _check_finite(pending, step, manager)
           checkpoints.save(manager, step, state)
+        # Every process checks every step: over several processes they agree on one step here.
+        if preemption.reached(step) and not last:
+          if not saved:
+            _check_finite(pending, step, manager)
+            checkpoints.save(manager, step, state)
+          manager.wait_until_finished()
+          raise Preempted(f"preempted (SIGTERM) at step {step}: saved a checkpoint there; run the same "
+                          f"command to resume from it")
         if step % config.eval.every_steps == 0 and not last:
           with report.timed("eval"):
             run_eval(step)
     final_step = int(jax.device_get(state.step))
     results = run_eval(final_step)
   finally:
+    preemption.close()
     manager.wait_until_finished()
     writer.flush()
   if is_chief:

@@ -221,3 +221,16 @@ def test_two_processes_read_disjoint_shards_and_cover_every_example(tmp_path):
   assert len(runs[0]["eval_local"]) == len(runs[1]["eval_local"])  # same number of eval steps
   evaluated = [k for r in runs for batch in r["eval_local"] for k in batch]
   assert sorted(evaluated) == list(range(20, 27))
+  # BatchNorm statistics and their gradient over both processes' rows equal one device's.
+  from deeplab_jax.models.batch_norm import batch_norm_train
+  bn = runs[0]["bn"]
+  image = np.asarray(bn["image"], np.float32)
+
+  def bn_loss(x):
+    y = batch_norm_train(x, jax.numpy.ones(3), jax.numpy.zeros(3), 1e-3)[0]
+    return jax.numpy.sum(y * jax.numpy.linspace(-1.0, 1.0, y.size).reshape(y.shape))
+
+  value, grad = jax.value_and_grad(bn_loss)(image)
+  assert abs(bn["value"] - float(value)) <= 1e-5 * abs(float(value))
+  np.testing.assert_allclose(np.asarray(bn["grad"]), np.asarray(grad), rtol=0,
+                             atol=1e-5 * float(np.max(np.abs(grad))))

@@ -58,6 +58,21 @@ def main():
   for batch in input_pipeline.as_numpy(input_pipeline.eval_dataset(builder, config)):
     numbers = image_numbers(batch["image"][batch["mask"]]) if batch["mask"].any() else []
     result["eval_local"].append(numbers)
+  # Synchronized BatchNorm across processes: value and input gradient of a train-mode BN over the
+  # step-0 global batch (the test recomputes both on one device).
+  from deeplab_jax.models.batch_norm import batch_norm_train
+  first = sharding.to_global(next(input_pipeline.as_numpy(
+      input_pipeline.train_dataset(builder, config))), batch_sh)["image"]
+
+  def bn_loss(x):
+    y = batch_norm_train(x, jax.numpy.ones(3), jax.numpy.zeros(3), 1e-3)[0]
+    return jax.numpy.sum(y * jax.numpy.linspace(-1.0, 1.0, y.size).reshape(y.shape))
+
+  value, grad = jax.jit(jax.value_and_grad(bn_loss), out_shardings=(
+      sharding.replicated(mesh), batch_sh))(first)
+  result["bn"] = {"image": np.asarray(multihost_utils.process_allgather(first, tiled=True)).tolist(),
+                  "value": float(value),
+                  "grad": np.asarray(multihost_utils.process_allgather(grad, tiled=True)).tolist()}
   with open(out, "w") as f:
     json.dump(result, f)
   jax.distributed.shutdown()

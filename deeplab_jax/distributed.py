@@ -1,0 +1,109 @@
+"""Several processes, one per host (TPU pod slices, GPU clusters), and preemption.
+
+`initialize` starts JAX's distributed runtime where the job has several processes and does nothing on
+one host: explicit flags (`--coordinator_address --num_processes --process_id`, GPU clusters without
+SLURM), SLURM's environment (`srun`, one task per node or per GPU), or a Cloud TPU VM (JAX reads the
+slice's workers from the VM's metadata). Every log line then says which process speaks.
+
+`Preemption` tells the training loop when to save and stop: a spot/preemptible VM gets SIGTERM (30 s
+before it goes), and every process must checkpoint the same step. Over several processes JAX's
+preemption service propagates the notice and names one step all processes reach
+(`multihost_utils.reached_preemption_sync_point`); in one process a SIGTERM handler marks the next step.
+"""
+from __future__ import annotations
+
+import logging as logging_lib
+import os
+import signal
+
+from absl import logging
+import jax
+
+from deeplab_jax.errors import ConfigError
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: what a supervisor expects of a process that was told to stop
+_SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def _on_cloud_tpu_vm() -> bool:
+  """libtpu installed and a TPU VM's metadata server answering: JAX's own test (private API)."""
+  try:
+    from jax._src.clusters import cloud_tpu_cluster
+  except ImportError:  # pragma: no cover - JAX moved it; then only the other ways apply
+    return False
+  return bool(getattr(cloud_tpu_cluster, "running_in_cloud_tpu_vm", False)) and any(
+      cls.is_env_present() for cls in (cloud_tpu_cluster.GceTpuCluster, cloud_tpu_cluster.GkeTpuCluster))
+
+
+def multi_process_environment(coordinator_address=None, num_processes=None, process_id=None) -> str | None:
+  """Which kind of multi-process start this is ('flags', 'slurm', 'cloud_tpu'), or None for one host."""
+  given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+  if any(given):
+    if not all(given):
+      raise ConfigError("--coordinator_address, --num_processes and --process_id go together (host:port "
+                        "of process 0, the process count, this process's index); give all three")
+    if not 0 <= int(process_id) < int(num_processes):
+      raise ConfigError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+    return "flags" if int(num_processes) > 1 else None
+  if all(v in os.environ for v in _SLURM) and int(os.environ["SLURM_NTASKS"]) > 1:
+    return "slurm"
+  if _on_cloud_tpu_vm():
+    return "cloud_tpu"
+  return None
+
+
+class _ProcessPrefix(logging_lib.Filter):
+  def __init__(self, prefix: str):
+    super().__init__()
+    self._prefix = prefix
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    if not getattr(record, "_deeplab_prefixed", False):
+      record.msg = f"{self._prefix}{record.msg}"
+      record._deeplab_prefixed = True
+    return True
+
+
+def initialize(coordinator_address=None, num_processes=None, process_id=None) -> str | None:
+  """Start the distributed runtime where needed; returns the kind of start, None on one host."""
+  kind = multi_process_environment(coordinator_address, num_processes, process_id)
+  if kind == "flags":
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=int(num_processes), process_id=int(process_id))
+  elif kind is not None:
+    jax.distributed.initialize()  # JAX finds the coordinator, count and index itself
+  if kind is not None:
+    logging.get_absl_handler().addFilter(
+        _ProcessPrefix(f"[process {jax.process_index()}/{jax.process_count()}] "))
+    logging.info("started %d processes (%s); %d devices in all, %d here", jax.process_count(), kind,
+                 jax.device_count(), jax.local_device_count())
+  return kind
+
+
+class Preemption:
+  """`reached(step)`: True at the one step where every process should save and stop."""
+
+  def __init__(self):
+    self._notified = False
+    self._multi = jax.process_count() > 1
+    if not self._multi:  # several processes: JAX's preemption service holds SIGTERM
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._notice)
+      except ValueError:  # not the main thread (a notebook's worker): no preemption handling
+        self._previous = None
+
+  def _notice(self, signum, frame):
+    del signum, frame
+    self._notified = True
+    logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._notified
+
+  def close(self) -> None:
+    if not self._multi and self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None

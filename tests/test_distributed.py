@@ -1,0 +1,130 @@
+"""Several processes: two processes x 2 CPU devices (jax.distributed over localhost, started by
+launch/local_processes.sh with the explicit flags) train like one process with 4 devices; SIGTERM to
+both mid-run saves one common step and a restart ends where an uninterrupted run does."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY_FLAGS, run_module
+from deeplab_jax import distributed
+from deeplab_jax.errors import ConfigError
+from deeplab_jax.weights import init_from
+
+STEPS = 8
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _flags(data_dir, workdir):
+  return ["--config=configs/shapes.py", f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}",
+          f"--config.train.steps={STEPS}", *TINY_FLAGS, "--config.train.batch_size=4",
+          "--config.checkpoint.every_steps=4", "--config.eval.every_steps=100",
+          # BatchNorm on moving statistics: with batch statistics over 4 tiny images, float32
+          # summation order alone moves this random network's gradient by 0.6% (one process: 1, 2 and
+          # 4 devices give gradient norms 1.769, 1.771, 1.782), which 8 steps at lr 0.1 amplify; no
+          # comparison across device layouts can then hold 1e-5. BatchNorm statistics over several
+          # processes are checked on their own (test_input_pipeline's two-process test).
+          "--config.model.freeze_bn=True"]
+
+
+def _two_processes(flags, env):
+  """launch/local_processes.sh 2 ... on CPU: two processes with 2 devices each."""
+  env = dict(os.environ, **env, PORT=str(_free_port()), GPUS_PER_PROCESS="0", PYTHON=sys.executable,
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.Popen(["bash", os.path.join(REPO, "launch", "local_processes.sh"), "2", *flags],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _params(workdir):
+  tree, info = init_from._load_workdir(workdir)
+  return tree, info["step"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_data_dir, compile_cache_env, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("two_processes")
+  job = _two_processes(_flags(tiny_data_dir, workdir), compile_cache_env)
+  out, _ = job.communicate(timeout=600)
+  assert job.returncode == 0, out[-4000:]
+  return workdir, out
+
+
+def test_two_processes_train_like_one_process_with_four_devices(
+    two_process_run, tiny_data_dir, compile_cache_env, tmp_path):
+  workdir, out = two_process_run
+  assert "[process 1/2]" in out and "started 2 processes (flags); 4 devices in all, 2 here" in out
+  single = tmp_path / "one_process"
+  result = run_module(["deeplab_jax.main", *_flags(tiny_data_dir, single)],
+                      env={**compile_cache_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  ours, step = _params(workdir)
+  want, want_step = _params(single)
+  assert step == want_step == STEPS and set(ours) == set(want)
+  worst = max(float(np.max(np.abs(ours[k] - want[k]))) for k in want)
+  assert worst <= 1e-5, worst
+  # Process 0 alone writes the run's files: one final_metrics.json, one event file.
+  assert json.loads((workdir / "final_metrics.json").read_text())["step"] == STEPS
+  assert len(list(workdir.glob("events.out.tfevents.*"))) == 1
+
+
+def test_sigterm_to_both_processes_saves_one_step_and_the_restart_matches(
+    two_process_run, tiny_data_dir, compile_cache_env, tmp_path):
+  reference, _ = two_process_run
+  workdir = tmp_path / "preempted"
+  flags = _flags(tiny_data_dir, workdir)
+  job = _two_processes(flags, compile_cache_env)
+  lines, started = [], None
+  for line in job.stdout:  # SIGTERM once both processes train
+    lines.append(line)
+    if "training steps" in line:
+      started = (started or 0) + 1
+      if started == 2:
+        time.sleep(0.5)
+        job.send_signal(signal.SIGTERM)
+        break
+  rest, _ = job.communicate(timeout=300)
+  out = "".join(lines) + rest
+  assert job.returncode == distributed.PREEMPTED_EXIT, out[-4000:]
+  stops = [line for line in out.splitlines() if "deeplab_jax: preempted (SIGTERM) at step" in line]
+  assert len(stops) == 2 and len(set(line.split(" at step ")[1].split(":")[0] for line in stops)) == 1, stops
+  saved, step = _params(workdir)
+  assert 0 < step < STEPS, step
+  assert not (workdir / "final_metrics.json").exists()
+
+  job = _two_processes(flags, compile_cache_env)  # the restart resumes from that step
+  out, _ = job.communicate(timeout=600)
+  assert job.returncode == 0, out[-4000:]
+  ours, final_step = _params(workdir)
+  want, _ = _params(reference)
+  assert final_step == STEPS
+  worst = max(float(np.max(np.abs(ours[k] - want[k]))) for k in want)
+  assert worst <= 1e-6, worst
+
+
+def test_multi_process_flags_go_together_and_one_host_starts_nothing(monkeypatch):
+  for name in ("SLURM_JOB_ID", "SLURM_NTASKS"):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.multi_process_environment() is None
+  assert distributed.multi_process_environment("localhost:1234", 1, 0) is None
+  assert distributed.multi_process_environment("localhost:1234", 2, 1) == "flags"
+  with pytest.raises(ConfigError, match="go together"):
+    distributed.multi_process_environment("localhost:1234", 2, None)
+  with pytest.raises(ConfigError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
+    distributed.multi_process_environment("localhost:1234", 2, 2)
+  for name, value in {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[1-2]", "SLURM_NTASKS": "16",
+                      "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}.items():
+    monkeypatch.setenv(name, value)
+  assert distributed.multi_process_environment() == "slurm"
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  assert distributed.multi_process_environment() is None
