@@ -18,7 +18,7 @@ GPUS_PER_PROCESS=${GPUS_PER_PROCESS:-1}
 PYTHON=${PYTHON:-python}
 pids=()
 
-# shellcheck disable=SC2317  # called by the trap
+# shellcheck disable=SC2317,SC2329  # called by the trap
 forward() {
   kill -TERM "${pids[@]}" 2>/dev/null
 }
