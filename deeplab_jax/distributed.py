@@ -64,6 +64,20 @@ class _ProcessPrefix(logging_lib.Filter):
     return True
 
 
+def define_flags() -> None:
+  """The explicit start-up flags (several processes without SLURM or a Cloud TPU VM)."""
+  from absl import flags
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (several processes).")
+  flags.DEFINE_integer("num_processes", None, "How many processes the job has (one per host or GPU).")
+  flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
+
+def initialize_from_flags() -> str | None:
+  from absl import flags
+  f = flags.FLAGS
+  return initialize(f.coordinator_address, f.num_processes, f.process_id)
+
+
 def initialize(coordinator_address=None, num_processes=None, process_id=None) -> str | None:
   """Start the distributed runtime where needed; returns the kind of start, None on one host."""
   kind = multi_process_environment(coordinator_address, num_processes, process_id)

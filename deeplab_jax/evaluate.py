@@ -22,7 +22,7 @@ from etils import epath
 import jax
 import numpy as np
 
-from deeplab_jax import datasets, infer, input_pipeline, metrics, runtime
+from deeplab_jax import datasets, distributed, infer, input_pipeline, metrics, runtime
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
@@ -80,6 +80,7 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "The training workdir whose checkpoint to evaluate.")
   config_flags.DEFINE_config_file("config", None, "The config it was trained with (data, model).")
   infer.define_strategy_flags()
+  distributed.define_flags()
   flags.mark_flags_as_required(["workdir", "config"])
 
 
@@ -88,6 +89,7 @@ def main(argv):
   FLAGS = flags.FLAGS
 
   def run():
+    distributed.initialize_from_flags()
     results = evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step, **infer.strategy_options(FLAGS))
     return results, write_results(FLAGS.workdir, results, FLAGS.config.dataset.eval_split)
 

@@ -21,10 +21,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and summaries (local or gs://).")
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
-# Several processes without SLURM or a Cloud TPU VM (which are detected): all three, on every process.
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (several processes).")
-flags.DEFINE_integer("num_processes", None, "How many processes the job has (one per host or GPU).")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+distributed.define_flags()  # SLURM and Cloud TPU VMs are detected; elsewhere these three, everywhere
 
 
 def main(argv):
@@ -32,7 +29,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
   def run():
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    distributed.initialize_from_flags()
     logging.info("JAX process %d / %d, local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
