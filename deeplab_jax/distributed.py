@@ -19,9 +19,9 @@ import signal
 from absl import logging
 import jax
 
-from deeplab_jax.errors import ConfigError
+from deeplab_jax.errors import ConfigError, Preempted
 
-PREEMPTED_EXIT = 143  # 128 + SIGTERM: what a supervisor expects of a process that was told to stop
+PREEMPTED_EXIT = Preempted.exit_code
 _SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 

@@ -84,11 +84,11 @@ def user_error_line(e: BaseException) -> tuple[str, int] | None:
 
 
 def run_command(fn, *, compile_cache: bool = True):
-  from deeplab_jax.errors import Preempted
   """The command lines' shared setup: compilation cache, quiet library logs, and errors turned into
   one stderr line `deeplab_jax: error: ...` and a non-zero exit. What the user can fix (a UserError,
   a missing or unwritable path, a full disk, memory) gets that line alone; anything else is a bug:
   its traceback, then a last line that says so (never a traceback ending in an empty message)."""
+  from deeplab_jax.errors import Preempted
   if compile_cache:
     enable_compilation_cache()
   quiet_library_logs()

@@ -291,15 +291,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           writer.write_scalars(step, {f"train/{k}": float(np.mean([m[k] for m in fetched]))
                                       for k in ("loss", "grad_norm", "learning_rate")})
           pending = []
-        saved = step % config.checkpoint.every_steps == 0 or last
-        if saved:
+        # Every process checks every step: over several processes they agree on one step here.
+        preempted = preemption.reached(step) and not last
+        if step % config.checkpoint.every_steps == 0 or last or preempted:
           _check_finite(pending, step, manager)
           checkpoints.save(manager, step, state)
-        # Every process checks every step: over several processes they agree on one step here.
-        if preemption.reached(step) and not last:
-          if not saved:
-            _check_finite(pending, step, manager)
-            checkpoints.save(manager, step, state)
+        if preempted:
           manager.wait_until_finished()
           raise Preempted(f"preempted (SIGTERM) at step {step}: saved a checkpoint there; run the same "
                           f"command to resume from it")

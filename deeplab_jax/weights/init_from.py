@@ -138,7 +138,7 @@ def apply(state, loaded: dict):
   variables = {"params": state.params, "batch_stats": state.batch_stats}
 
   def place(path, leaf):
-    key = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    key = mapping.key_names(path)
     if key not in loaded:
       return leaf
     value = np.asarray(loaded[key], leaf.dtype)

@@ -49,11 +49,13 @@ class ConvNames:
   bn_epsilon_shift: float = 0.0
 
 
+def key_names(keypath) -> Path:
+  """A jax key path as our names: ("params", "backbone", ..., "kernel")."""
+  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
+
+
 def flatten(tree) -> dict[Path, object]:
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    out[tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)] = leaf
-  return out
+  return {key_names(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def unflatten(flat: dict[Path, np.ndarray]) -> dict:
