@@ -16,6 +16,7 @@ OUTPUT_STRIDES = (8, 16, 32)
 DTYPES = ("float32", "bfloat16")
 DEPTHWISE_IMPLS = ("auto", "grouped", "shift", "native")
 PARAM_SHARDINGS = ("replicated", "fsdp")
+OPTIMIZERS = ("sgd", "adam")
 INIT_FORMATS = ("orbax", "timm", "tf_deeplab")
 INIT_SCOPES = ("backbone", "all")
 # ASPP rates at output stride 16 (SPEC section 5); other strides scale them by 16 / OS.
@@ -78,6 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.log_every_steps = 100
 
   config.optim = ml_collections.ConfigDict()
+  config.optim.optimizer = "sgd"  # "sgd" (SPEC) | "adam" (AdamW: momentum is beta1, decay decoupled)
   config.optim.base_lr = 0.007
   config.optim.lr_power = 0.9
   config.optim.momentum = 0.9
@@ -198,6 +200,8 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
                        ("config.input.shuffle_buffer", i.shuffle_buffer)):
     if int(value) < 1:
       raise ConfigError(f"{field}={value} must be a positive integer")
+  if o.optimizer not in OPTIMIZERS:
+    raise ConfigError(f"config.optim.optimizer={o.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
   if not o.base_lr > 0:
     raise ConfigError(f"config.optim.base_lr={o.base_lr} must be > 0 (paper: 0.007)")
   if not 0 <= o.warmup_steps < t.steps:

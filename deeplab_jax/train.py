@@ -21,8 +21,9 @@ from jax import lax
 import ml_collections
 import numpy as np
 import optax
+from PIL import Image
 
-from deeplab_jax import (checkpoints, datasets, distributed, input_pipeline, losses, metrics, optim,
+from deeplab_jax import (checkpoints, curves, datasets, distributed, input_pipeline, losses, metrics, optim,
                          sharding, visualize)
 from deeplab_jax import config as config_lib
 from deeplab_jax.errors import NonFiniteLossError, Preempted
@@ -48,7 +49,7 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 def create_tx(config) -> optax.GradientTransformation:
   o = config.optim
-  return optim.create_optimizer(learning_rate_schedule(config), momentum=o.momentum,
+  return optim.create_optimizer(learning_rate_schedule(config), name=o.optimizer, momentum=o.momentum,
                                 weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm or None)
 
 
@@ -183,9 +184,13 @@ class Evaluator:
       if not local["mask"][k]:
         break
       image = np.clip(local["image"][k], 0, 255).astype(np.uint8)
-      out.append(np.concatenate([image, visualize.colorize(local["label"][k]),
-                                 visualize.colorize(predictions[k])], axis=1))
+      row = np.concatenate([image, visualize.colorize(local["label"][k]),
+                            visualize.colorize(predictions[k])], axis=1)
+      out.append(visualize.crop_to_labeled(row, local["label"][k], int(self.config.dataset.ignore_label)))
     return out
+
+
+EXAMPLES_NAME = "examples.png"
 
 
 def _scalars(prefix: str, results: dict, class_names) -> dict:
@@ -262,11 +267,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   evaluator = Evaluator(config, builder, mesh, state_sh)
   class_names = evaluator.class_names
 
+  examples = []
+
   def run_eval(step: int) -> dict:
     results, images = evaluator(state)
     writer.write_scalars(step, _scalars("eval", results, class_names))
     if images:
       writer.write_images(step, {f"eval/example_{k}": im[None] for k, im in enumerate(images)})
+    examples[:] = images
     return results
 
   preemption = distributed.Preemption()
@@ -311,6 +319,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.flush()
   if is_chief:
     _write_final(workdir, final_step, results, class_names)
+    curves.write(workdir, total_steps)
+    if examples:  # the final evaluation's first images: input | truth | prediction
+      with (workdir / EXAMPLES_NAME).open("wb") as f:
+        Image.fromarray(visualize.stack(examples)).save(f, format="PNG")
   logging.info("final: %s", {k: v for k, v in results.items() if k != "confusion_matrix"})
   print(f"deeplab_jax: final mean IoU {results['mean_iou']:.4f} at step {final_step} "
         f"(pixel accuracy {results['pixel_accuracy']:.4f}; {workdir / 'final_metrics.json'})", flush=True)

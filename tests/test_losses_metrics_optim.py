@@ -137,3 +137,17 @@ def test_optimizer_applies_l2_decay_before_momentum():
   updates, _ = tx.update(zero, state, params)  # momentum: 0.5 + 0.9 * 0.5
   np.testing.assert_allclose(updates["conv"]["kernel"], -0.1 * 0.95 * np.ones((1, 1, 1, 2)))
   assert isinstance(optim.create_optimizer(0.1, grad_clip_norm=1.0), optax.GradientTransformation)
+
+
+def test_adam_is_adamw_with_decay_on_conv_kernels_only():
+  params = {"conv": {"kernel": jnp.full((1, 1, 1, 2), 2.0)}, "bn": {"scale": jnp.ones((2,))}}
+  grads = {"conv": {"kernel": jnp.array([[[[0.3, -1.0]]]])}, "bn": {"scale": jnp.array([0.5, 0.0])}}
+  ours = optim.create_optimizer(0.01, name="adam", momentum=0.9, weight_decay=0.1)
+  reference = optax.adamw(0.01, b1=0.9, weight_decay=0.1, mask=optim.weight_decay_mask)
+  s1, s2 = ours.init(params), reference.init(params)
+  for _ in range(3):
+    u1, s1 = ours.update(grads, s1, params)
+    u2, s2 = reference.update(grads, s2, params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u1, u2)
+  with pytest.raises(ValueError, match="unknown optimizer"):
+    optim.create_optimizer(0.1, name="lamb")

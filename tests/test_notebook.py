@@ -34,7 +34,8 @@ def test_only_the_install_cell_has_shell_or_magic_lines():
   assert special == [0], "the test skips ! and % lines; keep them to the install cell"
 
 
-def test_quickstart_notebook_loads_a_workdir_predicts_and_shows_the_overlay(step_facts, monkeypatch):
+def test_quickstart_notebook_loads_a_workdir_predicts_and_shows_the_overlay(step_facts, monkeypatch,
+                                                                             tmp_path):
   # A finished workdir (the 8-device test run's checkpoint) stands in for training: training is
   # tested by test_train; this test is about the notebook's code, in seconds.
   monkeypatch.setenv("DEEPLAB_WORKDIR", str(step_facts["workdir"]))
@@ -46,3 +47,9 @@ def test_quickstart_notebook_loads_a_workdir_predicts_and_shows_the_overlay(step
   overlays = [v for v in shown if isinstance(v, Image.Image)]
   assert len(overlays) == 1 and overlays[0].size == (2 * 3 * 150, 2 * 120)
   assert namespace["probs"].shape == (120, 150, namespace["predictor"].num_classes)
+  # That workdir was not written by train_and_evaluate: the curve and example cells say so, and show a
+  # run's pictures where they exist.
+  assert sum("does not exist" in v for v in shown if isinstance(v, str)) == 2
+  Image.new("RGB", (6, 4)).save(tmp_path / "curves.png")
+  namespace["WORKDIR"] = str(tmp_path)
+  assert namespace["show"]("curves.png").size == (6, 4)

@@ -27,12 +27,39 @@ def test_examples_have_varied_sizes_valid_labels_and_every_class():
 
 
 def test_color_does_not_give_the_class():
-  """Mean shape colors of two classes overlap: a per-pixel color classifier cannot separate them."""
-  colors = {c: [] for c in range(1, shapes.NUM_CLASSES)}
+  """Pixel colors of the five object classes overlap: the nearest class-mean color is near chance."""
+  pixels = {c: [] for c in range(1, shapes.NUM_CLASSES)}
   for image, label in shapes.generate_split(1, 60):
-    for c in colors:
-      if (label == c).sum() > 50:
-        colors[c].append(image[label == c].mean(0))
-  means = np.array([np.mean(v, 0) for v in colors.values()])
-  assert np.all(np.abs(means - means.mean(0)) < 40)  # every class spans the color space alike
-  assert all(np.std(v, 0).min() > 40 for v in colors.values())
+    for c in pixels:
+      pixels[c].append(image[label == c][::7].astype(np.float64))
+  pixels = {c: np.concatenate(v) for c, v in pixels.items()}
+  means = np.array([v.mean(0) for v in pixels.values()])
+  assert np.all(np.abs(means - means.mean(0)) < 30)  # every class spans the color space alike
+  assert all(v.std(0).min() > 30 for v in pixels.values())
+  colors = np.concatenate(list(pixels.values()))
+  truth = np.concatenate([np.full(len(v), k) for k, v in enumerate(pixels.values())])
+  nearest = ((colors[:, None] - means[None]) ** 2).sum(-1).argmin(-1)
+  assert (nearest == truth).mean() < 0.35  # chance is 0.2
+
+
+def test_the_pattern_is_a_local_cue():
+  """Inside an object, neighboring pixels already tell plain from patterned: the fraction of pixel
+  pairs (across and down) whose colors jump separates them, whatever the outline and colors."""
+  jumps = {c: [] for c in range(1, shapes.NUM_CLASSES)}
+  for image, label in shapes.generate_split(2, 40):
+    image = image.astype(np.float64)
+    fractions = {c: [0, 0] for c in jumps}
+    for axis in (0, 1):
+      jump = np.linalg.norm(np.diff(image, axis=axis), axis=-1) > 50
+      first, second = (label[1:], label[:-1]) if axis == 0 else (label[:, 1:], label[:, :-1])
+      for c in jumps:
+        inside = (first == c) & (second == c)
+        fractions[c][0] += jump[inside].sum()
+        fractions[c][1] += inside.sum()
+    for c, (count, total) in fractions.items():
+      if total > 200:
+        jumps[c].append(count / total)
+  plain = shapes.CLASS_NAMES.index("plain")
+  assert all(len(v) > 5 for v in jumps.values())
+  assert max(jumps[plain]) < 0.03
+  assert all(min(v) > 0.06 for c, v in jumps.items() if c != plain)

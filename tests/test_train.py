@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
 import pytest
 
 from conftest import REPO, TINY_FLAGS, TRAINED_STEPS as RESUME_STEPS, run_module
-from deeplab_jax import train
+from deeplab_jax import curves, train
 from deeplab_jax.errors import NonFiniteLossError
 
 
@@ -34,8 +35,7 @@ def test_smoke_run_writes_metrics_summaries_and_checkpoints(uninterrupted_run):
   final = json.loads((workdir / "final_metrics.json").read_text())
   assert final["step"] == RESUME_STEPS
   assert set(final) == {"step", "mean_iou", "pixel_accuracy", "per_class_iou"}
-  assert list(final["per_class_iou"]) == ["background", "circle", "rectangle", "triangle", "ring",
-                                          "cross"]
+  assert list(final["per_class_iou"]) == ["background", "stripes", "checks", "dots", "grid", "plain"]
   assert 0.0 <= final["pixel_accuracy"] <= 1.0
   last_line = result.stdout.strip().splitlines()[-1]
   assert last_line.startswith(f"deeplab_jax: final mean IoU {final['mean_iou']:.4f} at step 30")
@@ -43,8 +43,18 @@ def test_smoke_run_writes_metrics_summaries_and_checkpoints(uninterrupted_run):
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [25, 30]
   assert json.loads((workdir / "config.json").read_text())["model"]["backbone"] == "mobilenet_v2"
   assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard events"
+  # The learning curves read back from the events (a loss every 2 steps, evaluations at 10, 20, 30)
+  # and the final evaluation's input | truth | prediction rows, cut from the 129 px padded eval
+  # crops back to the images (112-128 px sides).
+  scalars = curves.read_scalars(workdir)
+  assert [s for s, _ in scalars["train/loss"]] == list(range(2, 31, 2))
+  assert [s for s, _ in scalars["eval/mean_iou"]] == [10, 20, 30]
+  assert scalars["eval/mean_iou"][-1][1] == pytest.approx(final["mean_iou"], abs=1e-6)
+  assert Image.open(workdir / "curves.png").size == (840, 300)
+  examples = np.asarray(Image.open(workdir / "examples.png"))
+  assert 3 * 112 <= examples.shape[1] <= 3 * 128 and 4 * 112 <= examples.shape[0] <= 4 * 128 + 3 * 4
   log = result.stderr
-  for tag in ("train/loss=", "train/learning_rate=", "eval/mean_iou=", "eval/iou/circle=",
+  for tag in ("train/loss=", "train/learning_rate=", "eval/mean_iou=", "eval/iou/stripes=",
               "steps_per_sec=", "Got images: {'eval/example_0'"):
     assert tag in log, tag
 
