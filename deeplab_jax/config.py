@@ -72,6 +72,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.input.resize_factor = config_dict.placeholder(int)
   config.input.shuffle_buffer = 4096  # encoded examples per process
   config.input.cache = False  # keep encoded examples in memory (small data sets)
+  # True: leave out examples whose stored image or mask does not decode, after one pass that decodes
+  # the whole split at start-up (logged with their names and count). False: such an example stops
+  # training with a line naming it.
+  config.input.skip_undecodable = False
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 30_000
@@ -201,7 +205,7 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     if int(value) < 1:
       raise ConfigError(f"{field}={value} must be a positive integer")
   if o.optimizer not in OPTIMIZERS:
-    raise ConfigError(f"config.optim.optimizer={o.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    raise ConfigError(f"config.optim.optimizer={o.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
   if not o.base_lr > 0:
     raise ConfigError(f"config.optim.base_lr={o.base_lr} must be > 0 (paper: 0.007)")
   if not 0 <= o.warmup_steps < t.steps:
@@ -219,6 +223,15 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
   eval_os = config.eval.output_stride
   if eval_os is not None and eval_os not in OUTPUT_STRIDES:
     raise ConfigError(f"config.eval.output_stride={eval_os} is not supported; use 8, 16, 32 or None")
+  atrous_rates(config.model)  # the rates must scale to whole rates at both strides
+  atrous_rates(config.model, eval_os)
+  for field, crop, stride in (("config.input.crop_size", config.input.crop_size,
+                               config.model.output_stride),
+                              ("config.eval.crop_size", config.eval.crop_size,
+                               eval_os or config.model.output_stride)):
+    if min(_pair(crop, field)) < stride + 1:
+      raise ConfigError(f"{field}={tuple(crop)} is too small for output stride {stride}: each side "
+                        f"needs at least {stride + 1} pixels (a 2x2 feature map); the paper uses 513")
   init = config.get("init_from")
   if init is not None and init.get("path") is not None:
     if init.format not in INIT_FORMATS:

@@ -43,7 +43,8 @@ def evaluate(config, workdir, step: int | None = None, **options) -> dict:
   num_classes, ignore = int(config.dataset.num_classes), int(config.dataset.ignore_label)
   total = np.zeros((num_classes, num_classes), np.int64)
   count = 0
-  for example in input_pipeline.as_numpy(input_pipeline.eval_examples(builder, config)):
+  for example in input_pipeline.as_numpy(input_pipeline.eval_examples(builder, config), builder,
+                                         config.dataset.eval_split):
     label = example["label"]
     prediction = predictor.predict(example["image"])
     # Padded to the predictor's grid (ignored pixels) so that the metric compiles per bucket only.

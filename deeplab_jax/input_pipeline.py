@@ -22,6 +22,7 @@ from deeplab_jax.errors import ConfigError, DataError
 # The official code pads images with the mean pixel, which its normalization maps to 0.
 IMAGE_PAD_VALUE = 127.5
 _MAX_EPOCHS = 2**40
+_LABEL_MARKER = "LABEL_OUT_OF_RANGE"
 
 
 def load_builder(config) -> tfds.core.DatasetBuilder:
@@ -74,33 +75,80 @@ def _check_split(builder, split: str, field: str) -> None:
                       f"{', '.join(sorted(builder.info.splits))}")
 
 
-def _read(builder, split: str, cache: bool) -> tf.data.Dataset:
-  """Encoded (image, segmentation) pairs in a fixed order; decoding waits until after shuffle and skip."""
+def _read(builder, split: str, cache: bool, skip=()) -> tf.data.Dataset:
+  """Encoded (image, segmentation, name) triples in a fixed order; decoding waits until after shuffle
+  and skip. `skip`: names of examples to leave out (see `undecodable`)."""
   entry = datasets.entry(builder.info.full_name)
+  has_name = entry.file_key in builder.info.features
   ds = builder.as_dataset(
       split=split, shuffle_files=False,
       decoders={entry.image_key: tfds.decode.SkipDecoding(),
                 entry.label_key: tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(try_autocache=False, skip_prefetch=True))
-  ds = ds.map(lambda ex: (ex[entry.image_key], ex[entry.label_key]),
-              num_parallel_calls=tf.data.AUTOTUNE)
+
+  def triple(ex):
+    name = ex[entry.file_key] if has_name else tf.constant("(unnamed)")
+    if name.dtype != tf.string:
+      name = tf.strings.as_string(name)
+    return ex[entry.image_key], ex[entry.label_key], name
+
+  ds = ds.map(triple, num_parallel_calls=tf.data.AUTOTUNE)
+  if skip:
+    names = tf.constant(list(skip))
+    ds = ds.filter(lambda image, label, name: tf.logical_not(tf.reduce_any(tf.equal(name, names))))
   return ds.cache() if cache else ds
 
 
+def undecodable(builder, split: str) -> list[str]:
+  """Names of the split's examples whose image or mask does not decode (a truncated or corrupt file
+  stored in the data set): one eager pass that decodes every example, for errors and skips only."""
+  bad = []
+  for image, label, name in _read(builder, split, cache=False):
+    try:
+      tf.io.decode_image(image, channels=3, expand_animations=False)
+      tf.io.decode_png(label, channels=1)
+    except tf.errors.InvalidArgumentError:
+      bad.append(name.numpy().decode())
+  return bad
+
+
+def _skipped(builder, split: str, config) -> tuple[str, ...]:
+  """With config.input.skip_undecodable, the split's undecodable examples, counted in the log."""
+  if not config.input.skip_undecodable:
+    return ()
+  bad = undecodable(builder, split)
+  if bad:
+    logging.warning("skipping %d undecodable example(s) of %s split %s "
+                    "(config.input.skip_undecodable): %s", len(bad), builder.info.full_name, split,
+                    ", ".join(bad[:20]) + (" ..." if len(bad) > 20 else ""))
+  return tuple(bad)
+
+
 def _decoder(builder, config):
-  """(encoded image, encoded label) -> image (H, W, 3), uint8 label (H, W, 1) in class ids; with
-  `config.input.min_resize_value` both are resized to the official range (the image then float32)."""
+  """(encoded image, encoded label, name) -> image (H, W, 3), uint8 label (H, W, 1) in class ids; with
+  `config.input.min_resize_value` both are resized to the official range (the image then float32).
+
+  A mask value that is neither a class id nor the ignore label stops the pipeline with the example's
+  name (`as_numpy` turns it into one line): training on it would be a silent wrong label.
+  """
   table = datasets.entry(builder.info.full_name).label_table
   lookup = None if table is None else tf.constant(table, tf.uint8)
   i = config.input
   min_size, max_size, factor = (i.get(k) for k in ("min_resize_value", "max_resize_value",
                                                    "resize_factor"))
+  num_classes, ignore = int(config.dataset.num_classes), int(config.dataset.ignore_label)
+  marker = f"{_LABEL_MARKER}({builder.info.full_name}, {num_classes}, {ignore})"
 
-  def decode(image, label):
+  def decode(image, label, name):
     image = tf.io.decode_image(image, channels=3, expand_animations=False)
     label = tf.io.decode_png(label, channels=1)
     if lookup is not None:
       label = tf.gather(lookup, tf.cast(label, tf.int32))
+    bad = tf.logical_and(label >= num_classes, label != ignore)
+    check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)),
+                                [marker, name, tf.reduce_max(tf.where(bad, label, 0))])
+    with tf.control_dependencies([check]):
+      label = tf.identity(label)
     if min_size is not None:
       image, label = resize_to_range(image, label, int(min_size), max_size, factor)
     return image, label
@@ -181,11 +229,12 @@ def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
   # and decodes only its rows of each global batch: the batches, and so the run, are the same for
   # any number of processes (a job resumed on another slice size continues exactly), at the cost of
   # each host reading every encoded record (DeepLab's data sets are small: VOC train_aug ~1 GB).
-  size = builder.info.splits[split].num_examples
-  if size == 0:
-    raise DataError(f"split {split!r} of {builder.info.full_name} has no examples; check "
-                    f"config.dataset.train_split")
-  raw = _read(builder, split, config.input.cache)
+  skip = _skipped(builder, split, config)
+  size = builder.info.splits[split].num_examples - len(skip)
+  if size <= 0:
+    raise DataError(f"split {split!r} of {builder.info.full_name} has no "
+                    f"{'decodable ' if skip else ''}examples; check config.dataset.train_split")
+  raw = _read(builder, split, config.input.cache, skip)
   seed = int(config.seed)
   buffer = int(config.input.shuffle_buffer)
 
@@ -245,8 +294,8 @@ def eval_dataset(builder, config) -> tf.data.Dataset:
   ignore = int(config.dataset.ignore_label)
   decode = _decoder(builder, config)
 
-  def pad(image, label):
-    image, label = decode(image, label)
+  def pad(image, label, name):
+    image, label = decode(image, label, name)
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     check = tf.debugging.assert_less_equal(
         tf.stack([height, width]), tf.constant([crop_h, crop_w]),
@@ -260,7 +309,8 @@ def eval_dataset(builder, config) -> tf.data.Dataset:
             "label": tf.ensure_shape(label, (crop_h, crop_w, 1))[..., 0],
             "mask": tf.constant(True)}
 
-  ds = _read(builder, shard, cache=False).map(pad, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _read(builder, shard, cache=False, skip=_skipped(builder, shard, config)).map(
+      pad, num_parallel_calls=tf.data.AUTOTUNE)
   filler = tf.data.Dataset.from_tensors({
       "image": tf.fill((crop_h, crop_w, 3), tf.constant(IMAGE_PAD_VALUE, tf.float32)),
       "label": tf.fill((crop_h, crop_w), tf.constant(ignore, tf.uint8)),
@@ -275,16 +325,18 @@ def eval_examples(builder, config) -> tf.data.Dataset:
   shard = _eval_shards(builder, config)[jax.process_index()]
   decode = _decoder(builder, config)
 
-  def prepare(image, label):
-    image, label = decode(image, label)
+  def prepare(image, label, name):
+    image, label = decode(image, label, name)
     return {"image": image, "label": label[..., 0]}
 
-  return _read(builder, shard, cache=False).map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
-      tf.data.AUTOTUNE)
+  ds = _read(builder, shard, cache=False, skip=_skipped(builder, shard, config))
+  return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def as_numpy(ds: tf.data.Dataset) -> Iterator[dict]:
-  """NumPy batches; an oversized evaluation image becomes a one-line DataError."""
+def as_numpy(ds: tf.data.Dataset, builder=None, split: str | None = None) -> Iterator[dict]:
+  """NumPy batches; bad data becomes a one-line DataError: an oversized evaluation image, a mask
+  value outside the classes, or an undecodable image or mask (named after a scan of `split`, when
+  the builder and split are given)."""
   iterator = iter(tfds.as_numpy(ds))
   while True:
     try:
@@ -292,9 +344,30 @@ def as_numpy(ds: tf.data.Dataset) -> Iterator[dict]:
     except StopIteration:
       return
     except tf.errors.InvalidArgumentError as e:
-      found = re.search(r"EVAL_IMAGE_TOO_LARGE: (.*?\))", str(e))
-      if found:
-        raise DataError(f"{found.group(1)}; raise it to cover the largest image") from None
-      raise
+      error = _data_error(str(e), builder, split)
+      if error is None:
+        raise
+      raise error from None
     yield batch
 
+
+def _data_error(message: str, builder, split: str | None) -> DataError | None:
+  found = re.search(r"EVAL_IMAGE_TOO_LARGE: (.*?\))", message)
+  if found:
+    return DataError(f"{found.group(1)}; raise it to cover the largest image")
+  found = re.search(_LABEL_MARKER + r"\((.*?), (\d+), (\d+)\)\] \[(.*?)\] \[(\d+)\]", message)
+  if found:
+    name, num_classes, ignore, example, value = found.groups()
+    return DataError(f"example {example!r} of {name} has mask value {value}, neither a class id below "
+                     f"config.dataset.num_classes={num_classes} nor config.dataset.ignore_label="
+                     f"{ignore}; fix its mask, or the config if those values are wrong")
+  decoding = ("Invalid PNG data", "Invalid JPEG data", "Unknown image file format", "decode",
+              "Decode", "corrupt", "truncated")
+  if builder is not None and split is not None and any(d in message for d in decoding):
+    bad = undecodable(builder, split)
+    if bad:
+      return DataError(
+          f"{len(bad)} example(s) of {builder.info.full_name} split {split} do not decode (a truncated "
+          f"or corrupt image or mask), first {bad[0]!r}; rebuild the data set from intact files, or "
+          f"set config.input.skip_undecodable=True to skip them (counted in the log)")
+  return None

@@ -4,8 +4,11 @@ from __future__ import annotations
 import errno
 import logging as logging_lib
 import os
+import re
 import sys
+import threading
 import traceback
+import warnings
 
 from absl import logging as absl_logging
 import jax
@@ -33,8 +36,17 @@ class _DropLibraryInfo(logging_lib.Filter):
     return record.levelno >= logging_lib.WARNING or not any(q in record.pathname for q in self._QUIET)
 
 
+class _DropUnretrievedTasks(logging_lib.Filter):
+  """A failed asynchronous checkpoint write logs each of its hundreds of write tasks' tracebacks as
+  'Task exception was never retrieved'; the same error reaches the training loop, which reports it."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    return not str(record.msg).startswith("Task exception was never retrieved")
+
+
 def quiet_library_logs() -> None:
   absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
+  logging_lib.getLogger("asyncio").addFilter(_DropUnretrievedTasks())
 
 
 OS_ERROR_EXIT = 6  # beside errors.UserError's codes 1-5
@@ -53,7 +65,12 @@ _OS_ERRORS = {
     errno.ENOTDIR: "is not a folder (a file stands in its path); choose another path",
     errno.EISDIR: "is a folder where a file was expected; give the file's path",
     errno.EEXIST: "already exists as something else; choose another path",
+    errno.EFBIG: "could not be written: a file grew past the size limit (ulimit -f) or the disk's "
+                 "largest file; free space, lift the limit or choose another path",
 }
+# TensorStore (Orbax's writer) reports a failed system call inside a ValueError's text.
+_TENSORSTORE_OS_ERROR = re.compile(r'(?:Failed writing|Error writing local file): "(?P<path>[^"]+)".*'
+                                   r"os_error_code='(?P<errno>\d+)'", re.S)
 
 # TensorFlow's file-system errors (tf.io.gfile, gs:// paths), matched by name: no TF import here.
 _TF_FILE_ERRORS = {
@@ -74,6 +91,10 @@ def user_error_line(e: BaseException) -> tuple[str, int] | None:
   if isinstance(e, OSError) and e.errno in _OS_ERRORS:
     where = e.filename if e.filename is not None else "a file"
     return f"{where} {_OS_ERRORS[e.errno]} ({os.strerror(e.errno)})", OS_ERROR_EXIT
+  found = _TENSORSTORE_OS_ERROR.search(str(e)) if isinstance(e, ValueError) else None
+  if found and int(found["errno"]) in _OS_ERRORS:
+    code = int(found["errno"])
+    return f"{found['path']} {_OS_ERRORS[code]} ({os.strerror(code)})", OS_ERROR_EXIT
   name = type(e).__name__
   if type(e).__module__.startswith("tensorflow") and name in _TF_FILE_ERRORS:
     return f"{_summary(str(e))}: {_TF_FILE_ERRORS[name]}", OS_ERROR_EXIT
@@ -152,4 +173,9 @@ def _summary(message: str, last: bool = False) -> str:
 def _fail(line: str, code: int):
   sys.stdout.flush()
   print(f"deeplab_jax: error: {line}", file=sys.stderr, flush=True)
+  # Library threads that die with the interpreter (e.g. a failed checkpoint write's event loop) would
+  # print their tracebacks below this line: it is the last one.
+  sys.unraisablehook = lambda unraisable: None
+  threading.excepthook = lambda args: None
+  warnings.simplefilter("ignore")  # e.g. "coroutine ... was never awaited" at interpreter exit
   sys.exit(code)

@@ -6,9 +6,11 @@ re-evaluates. The step functions are pure: (state, batch) -> (state, metrics).
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
+import os
 from typing import Any
 
 from absl import logging
@@ -162,7 +164,8 @@ class Evaluator:
   def __call__(self, state: TrainState) -> tuple[dict, list[np.ndarray]]:
     total = np.zeros((self.num_classes, self.num_classes), np.int64)
     running, images = None, []
-    batches = input_pipeline.as_numpy(input_pipeline.eval_dataset(self.builder, self.config))
+    batches = input_pipeline.as_numpy(input_pipeline.eval_dataset(self.builder, self.config),
+                                      self.builder, self.config.dataset.eval_split)
     for i, local in enumerate(batches):
       batch = sharding.to_global(local, self.batch_sharding)
       cm, predictions = self.step_fn(state.params, state.batch_stats, batch)
@@ -228,25 +231,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate_training(config)
   workdir = epath.Path(workdir)
   is_chief = jax.process_index() == 0
-  if is_chief:
-    workdir.mkdir(parents=True, exist_ok=True)
+  if is_chief and workdir.exists() and not workdir.is_dir():  # before building any data
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(workdir))
   mesh = sharding.create_mesh()
   sharding.check_batch(int(config.train.batch_size), mesh, "config.train.batch_size")
   sharding.check_batch(int(config.eval.batch_size), mesh, "config.eval.batch_size")
-  builder = input_pipeline.load_builder(config)  # data errors before any compile
+  builder = input_pipeline.load_builder(config)  # data errors before any compile or write
 
   model = create_model(config)
   tx = create_tx(config)
   init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
   abstract_state, state_sh, init = sharded_init(config, model, tx, mesh, init_rng)
 
+  # Pretrained weights are read and matched before any compile, and in a fresh workdir before
+  # anything is written; a workdir that has checkpoints resumes instead.
+  prepare = functools.partial(init_from.prepare, config, {"params": abstract_state.params,
+                                                          "batch_stats": abstract_state.batch_stats})
+  wants_weights = config.init_from.path is not None
+  pretrained = prepare() if wants_weights and not (workdir / "checkpoints").exists() else None
+  if is_chief:
+    workdir.mkdir(parents=True, exist_ok=True)
   manager = checkpoints.create_manager(workdir, keep=int(config.checkpoint.keep),
                                        async_save=bool(config.checkpoint.async_save))
   latest = manager.latest_step()
-  pretrained = None
-  if latest is None and config.init_from.path is not None:  # read and matched before any compile
-    pretrained = init_from.prepare(config, {"params": abstract_state.params,
-                                            "batch_stats": abstract_state.batch_stats})
+  if latest is None and wants_weights and pretrained is None:
+    pretrained = prepare()
   if latest is None:
     state = init(init_rng)
     logging.info("initialized a new %s DeepLab", config.model.backbone)
@@ -282,7 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step < total_steps:
       batch_sh = sharding.batch_sharding(mesh)
       step_fn = jit_train_step(config, model, tx, mesh, state_sh, dropout_rng)
-      batches = input_pipeline.as_numpy(input_pipeline.train_dataset(builder, config, start_step))
+      batches = input_pipeline.as_numpy(input_pipeline.train_dataset(builder, config, start_step),
+                                        builder, config.dataset.train_split)
       report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                                every_steps=int(config.train.log_every_steps))
       logging.info("training steps %d..%d", start_step + 1, total_steps)

@@ -71,6 +71,14 @@ def run_module(args, timeout=300, env=None):
                         timeout=timeout, env=full_env)
 
 
+def saved_state(workdir, step):
+  """(params, batch_stats) of a workdir's checkpoint at `step`, as NumPy trees."""
+  import orbax.checkpoint as ocp
+  restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
+                                                             "default"))
+  return restored["params"], restored["batch_stats"]
+
+
 def load_config(path):
   """`get_config()` of a config file (configs/ is not a package)."""
   import importlib.util

@@ -89,6 +89,7 @@ def test_bad_values_raise_config_error(field, value, message):
     ("dataset.ignore_label", 7, "config.dataset.ignore_label=7 must be in [num_classes, 255]"),
     ("model.depthwise_impl", "fft", "config.model.depthwise_impl='fft': choose one of"),
     ("model.bn_momentum", 1.5, "config.model.bn_momentum=1.5 must be in [0, 1)"),
+    ("optim.optimizer", "adamw", "config.optim.optimizer='adamw': choose one of sgd, adam"),
 ])
 def test_bad_training_values_raise_config_error(path, value, message):
   config = config_lib.default_config()

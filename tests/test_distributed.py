@@ -51,6 +51,7 @@ def _params(workdir):
   return tree, info["step"]
 
 
+@pytest.mark.reliability
 def test_two_processes_preempted_and_resumed_end_like_one_process_with_four_devices(
     tiny_data_dir, compile_cache_env, tmp_path):
   """SIGTERM to both processes once they train: one common step saved, exit 143; the restart (two

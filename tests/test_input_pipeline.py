@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import REPO, load_config, run_module, tiny_config
+from conftest import REPO, load_config, tiny_config
 from deeplab_jax import input_pipeline, metrics
 from deeplab_jax.errors import DataError
 
@@ -170,15 +170,6 @@ def test_voc_without_data_stops_with_how_to_prepare_it(tmp_path):
   assert message.startswith(f"data set 'voc2012_segmentation' is not prepared in {tmp_path}")
   assert "VOCtrainval_11-May-2012.tar" in message and "benchmark.tgz" in message
   assert "python -m deeplab_jax.datasets.prepare voc2012_segmentation" in message
-
-
-def test_main_without_data_exits_nonzero_with_one_line(tmp_path):
-  result = run_module(["deeplab_jax.main", "--config=configs/voc_xception.py",
-                       f"--workdir={tmp_path / 'work'}", f"--config.dataset.data_dir={tmp_path}"])
-  assert result.returncode == DataError.exit_code
-  assert result.stderr.strip().splitlines()[-1].startswith(
-      "deeplab_jax: error: data set 'voc2012_segmentation' is not prepared in")
-  assert not (tmp_path / "work" / "checkpoints").exists()
 
 
 def test_two_processes_read_disjoint_shards_and_cover_every_example(tmp_path):

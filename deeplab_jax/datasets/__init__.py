@@ -36,7 +36,8 @@ VOC_CLASS_NAMES = (
     "train", "tvmonitor")
 
 DATASETS = {
-    "synthetic_shapes": Entry(class_names=shapes.CLASS_NAMES, generated=True),
+    "synthetic_shapes": Entry(class_names=shapes.CLASS_NAMES, generated=True,
+                              num_classes=shapes.NUM_CLASSES),
     "voc2012_segmentation": Entry(
         class_names=VOC_CLASS_NAMES,
         needs=((voc.VOC_ARCHIVE, voc.VOC_ROOT), (voc.SBD_ARCHIVE, voc.SBD_ROOT)),
@@ -122,6 +123,17 @@ def prepare(name: str, manual_dir: str | None, data_dir: str | None, **builder_k
   if name != "folder_segmentation":
     builder_kwargs = {}
   data_dir = str(epath.Path(data_dir).expanduser()) if data_dir else None
+  # A build that fails (a bad mask, a missing image) leaves nothing behind that it created.
+  created = [p for p in (epath.Path(data_dir),) if data_dir and not p.exists()]
   builder = tfds.builder(TFDS_NAMES.get(name, name), data_dir=data_dir, **builder_kwargs)
-  builder.download_and_prepare(download_config=download_config)
+  home = epath.Path(builder.data_dir).parent.parent if builder.builder_config else epath.Path(
+      builder.data_dir).parent  # <data_dir>/<name>[/<config>]/<version>
+  created += [home] if not home.exists() else []
+  try:
+    builder.download_and_prepare(download_config=download_config)
+  except BaseException:
+    for path in reversed(created):
+      if path.exists():
+        path.rmtree()
+    raise
   return {split: info.num_examples for split, info in builder.info.splits.items()}
