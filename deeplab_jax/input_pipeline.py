@@ -69,7 +69,7 @@ def _check_classes(builder, config) -> None:
                       f"{builder.info.full_name} marks ignored pixels with {ignore}; set it to {ignore}")
 
 
-def _check_split(builder, split: str, field: str) -> None:
+def check_split(builder, split: str, field: str) -> None:
   if split not in builder.info.splits:
     raise ConfigError(f"{field}={split!r} is not a split of {builder.info.full_name}; it has "
                       f"{', '.join(sorted(builder.info.splits))}")
@@ -221,7 +221,7 @@ def _local_batch(global_batch: int, field: str) -> int:
 def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
   """This process's training batches from `start_step` on: {"image": f32 (b, h, w, 3), "label": u8}."""
   split = config.dataset.train_split
-  _check_split(builder, split, "config.dataset.train_split")
+  check_split(builder, split, "config.dataset.train_split")
   global_batch = int(config.train.batch_size)
   local_batch = _local_batch(global_batch, "config.train.batch_size")
   index = jax.process_index()
@@ -269,7 +269,7 @@ def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
 def _eval_shards(builder, config) -> list[str]:
   """The eval split cut into one disjoint shard per process (`even_splits`, sizes differing by <= 1)."""
   split = config.dataset.eval_split
-  _check_split(builder, split, "config.dataset.eval_split")
+  check_split(builder, split, "config.dataset.eval_split")
   return tfds.even_splits(split, n=jax.process_count(), drop_remainder=False)
 
 

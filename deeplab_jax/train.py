@@ -237,6 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.check_batch(int(config.train.batch_size), mesh, "config.train.batch_size")
   sharding.check_batch(int(config.eval.batch_size), mesh, "config.eval.batch_size")
   builder = input_pipeline.load_builder(config)  # data errors before any compile or write
+  input_pipeline.check_split(builder, config.dataset.train_split, "config.dataset.train_split")
+  input_pipeline.check_split(builder, config.dataset.eval_split, "config.dataset.eval_split")
 
   model = create_model(config)
   tx = create_tx(config)

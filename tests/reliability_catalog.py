@@ -123,7 +123,7 @@ BAD_INPUTS = (
              env=(("XLA_FLAGS", "--xla_force_host_platform_device_count=4"),)),
     BadInput("A checkpoint of another model", (*_TRAIN, "--workdir={workdir}", *_TINY,
                                                "--config.model.depth_multiplier=1.0"),
-             CheckpointError.exit_code, "the checkpoint at {workdir}/checkpoints/30 has params/"),
+             CheckpointError.exit_code, "the checkpoint at {workdir}/checkpoints/30 has "),
     BadInput("`init_from` pointing at nothing", (*_TRAIN, "--workdir={tmp}/w", *_TINY,
                                                  "--config.init_from.path={tmp}/nothing"),
              WeightsError.exit_code, "config.init_from.path={tmp}/nothing does not exist"),
