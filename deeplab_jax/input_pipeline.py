@@ -112,16 +112,23 @@ def undecodable(builder, split: str) -> list[str]:
   return bad
 
 
+# A built data set does not change while a process reads it: each split is scanned once per process,
+# not at every evaluation.
+_SKIPPED: dict[tuple[str, str, str], tuple[str, ...]] = {}
+
+
 def _skipped(builder, split: str, config) -> tuple[str, ...]:
   """With config.input.skip_undecodable, the split's undecodable examples, counted in the log."""
   if not config.input.skip_undecodable:
     return ()
-  bad = undecodable(builder, split)
-  if bad:
-    logging.warning("skipping %d undecodable example(s) of %s split %s "
-                    "(config.input.skip_undecodable): %s", len(bad), builder.info.full_name, split,
-                    ", ".join(bad[:20]) + (" ..." if len(bad) > 20 else ""))
-  return tuple(bad)
+  key = (str(builder.data_dir), builder.info.full_name, str(split))
+  if key not in _SKIPPED:
+    bad = _SKIPPED[key] = tuple(undecodable(builder, split))
+    if bad:
+      logging.warning("skipping %d undecodable example(s) of %s split %s "
+                      "(config.input.skip_undecodable): %s", len(bad), builder.info.full_name, split,
+                      ", ".join(bad[:20]) + (" ..." if len(bad) > 20 else ""))
+  return _SKIPPED[key]
 
 
 def _decoder(builder, config):

@@ -29,11 +29,20 @@ def enable_compilation_cache() -> None:
 
 
 class _DropLibraryInfo(logging_lib.Filter):
-  """Orbax and TFDS log a dozen INFO lines per checkpoint or read; keep their warnings only."""
+  """Orbax and TFDS log a dozen INFO lines per checkpoint or read; keep their warnings only.
+
+  A failed asynchronous checkpoint write is logged by four Orbax threads, each with the full
+  traceback (about 400 lines in all), before the same exception reaches the training loop, which
+  reports it (with its traceback when it is a bug): Orbax's error records keep one line each."""
   _QUIET = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}")
 
   def filter(self, record: logging_lib.LogRecord) -> bool:
-    return record.levelno >= logging_lib.WARNING or not any(q in record.pathname for q in self._QUIET)
+    if not any(q in record.pathname for q in self._QUIET):
+      return True
+    if record.levelno >= logging_lib.ERROR and record.exc_info:
+      record.msg, record.args = _summary(record.getMessage())[:300], ()
+      record.exc_info = record.exc_text = None
+    return record.levelno >= logging_lib.WARNING
 
 
 class _DropUnretrievedTasks(logging_lib.Filter):
@@ -44,9 +53,24 @@ class _DropUnretrievedTasks(logging_lib.Filter):
     return not str(record.msg).startswith("Task exception was never retrieved")
 
 
+def _closed_loop_unraisable(default_hook):
+  """TensorStore's writer threads, finishing after a failed checkpoint write has closed Orbax's event
+  loop, each report 'Event loop is closed' (hundreds of tracebacks); the write's own error reaches
+  the training loop, which reports it. Other unraisable exceptions keep the default hook."""
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    default_hook(unraisable)
+  hook.drops_closed_loops = True
+  return hook
+
+
 def quiet_library_logs() -> None:
   absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
   logging_lib.getLogger("asyncio").addFilter(_DropUnretrievedTasks())
+  if not getattr(sys.unraisablehook, "drops_closed_loops", False):
+    sys.unraisablehook = _closed_loop_unraisable(sys.unraisablehook)
 
 
 OS_ERROR_EXIT = 6  # beside errors.UserError's codes 1-5
@@ -173,9 +197,17 @@ def _summary(message: str, last: bool = False) -> str:
 def _fail(line: str, code: int):
   sys.stdout.flush()
   print(f"deeplab_jax: error: {line}", file=sys.stderr, flush=True)
-  # Library threads that die with the interpreter (e.g. a failed checkpoint write's event loop) would
-  # print their tracebacks below this line: it is the last one.
+  if sys.stderr is sys.__stderr__:  # a command's process, not a test calling run_command in-process
+    _nothing_after_this_line()
+  sys.exit(code)
+
+
+def _nothing_after_this_line():
+  """Library threads that die with the interpreter (a failed asynchronous checkpoint write's event
+  loop and TensorStore's C++ threads) would log below the error line, from Python or C++: it stays
+  the last one."""
   sys.unraisablehook = lambda unraisable: None
   threading.excepthook = lambda args: None
   warnings.simplefilter("ignore")  # e.g. "coroutine ... was never awaited" at interpreter exit
-  sys.exit(code)
+  sys.stderr.flush()
+  os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())

@@ -1,10 +1,15 @@
 """Shared test helpers: cheap random variables for big models (real init compiles for ~20 s)."""
 from __future__ import annotations
 
+import fcntl
+import json
 import math
 import os
+import pathlib
+import shutil
 import sys
 import textwrap
+import types
 
 import jax
 import jax.numpy as jnp
@@ -117,13 +122,33 @@ def tiny_config(data_dir, steps: int = 6):
   return config
 
 
+def built_once(tmp_path_factory, name, build):
+  """What `build(folder)` returns (JSON), built by the first pytest-xdist worker that asks and read by
+  the others: each worker would otherwise build its own copy of every session fixture (the 8-device
+  step checks alone cost 80 s). The built folders are read-only to the tests: a test that writes
+  into one copies it first."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's folder, above the workers' own
+  folder, done = root / name, root / f"{name}.json"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits here while one builds
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      done.write_text(json.dumps(build(folder)))
+  return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
   """A TFDS data dir holding synthetic_shapes/tiny, built once per session."""
   from deeplab_jax import input_pipeline
-  data_dir = tmp_path_factory.mktemp("tfds")
-  input_pipeline.load_builder(tiny_config(data_dir))
-  return data_dir
+
+  def build(folder):
+    input_pipeline.load_builder(tiny_config(folder))
+    return str(folder)
+  return pathlib.Path(built_once(tmp_path_factory, "tfds", build))
 
 
 TRAINED_STEPS = 30
@@ -132,15 +157,18 @@ TRAINED_STEPS = 30
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_data_dir, compile_cache_env):
   """README command 1's code path, shrunk: the real main, 30 steps, evaluation every 10; the workdir
-  is what infer, evaluate and export are run on."""
-  workdir = tmp_path_factory.mktemp("trained")
-  result = run_module(["deeplab_jax.main", "--config=configs/shapes.py", f"--workdir={workdir}",
-                       f"--config.dataset.data_dir={tiny_data_dir}",
-                       f"--config.train.steps={TRAINED_STEPS}", *TINY_FLAGS,
-                       "--config.eval.every_steps=10", "--config.checkpoint.every_steps=5"],
-                      env=compile_cache_env)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result
+  (read-only: copy it to write) is what infer, evaluate and export are run on. The run's result has
+  args, returncode, stdout and stderr."""
+  def build(workdir):
+    args = ["deeplab_jax.main", "--config=configs/shapes.py", f"--workdir={workdir}",
+            f"--config.dataset.data_dir={tiny_data_dir}", f"--config.train.steps={TRAINED_STEPS}",
+            *TINY_FLAGS, "--config.eval.every_steps=10", "--config.checkpoint.every_steps=5"]
+    result = run_module(args, env=compile_cache_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"workdir": str(workdir), "args": args, "returncode": result.returncode,
+            "stdout": result.stdout, "stderr": result.stderr}
+  built = built_once(tmp_path_factory, "trained", build)
+  return pathlib.Path(built.pop("workdir")), types.SimpleNamespace(**built)
 
 
 @pytest.fixture
@@ -153,16 +181,20 @@ def voc_data_dir(tmp_path_factory):
   """A TFDS data dir holding voc2012_segmentation built from fake archives (fake_data.VOC_SPLITS)."""
   import fake_data
   from deeplab_jax import datasets
-  root = tmp_path_factory.mktemp("voc")
-  fake_data.make_voc(root / "manual", **fake_data.VOC_SPLITS)
-  sizes = datasets.prepare("voc2012_segmentation", str(root / "manual"), str(root / "tfds"))
-  return root / "tfds", sizes
+
+  def build(root):
+    fake_data.make_voc(root / "manual", **fake_data.VOC_SPLITS)
+    sizes = datasets.prepare("voc2012_segmentation", str(root / "manual"), str(root / "tfds"))
+    return [str(root / "tfds"), sizes]
+  data_dir, sizes = built_once(tmp_path_factory, "voc", build)
+  return pathlib.Path(data_dir), sizes
 
 
 @pytest.fixture(scope="session")
 def compile_cache_env(tmp_path_factory):
-  """Environment for subprocess runs that share one persistent compilation cache (faster reruns)."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache"))}
+  """Environment for subprocess runs that share one persistent compilation cache (faster reruns),
+  shared by the xdist workers too."""
+  return {"JAX_COMPILATION_CACHE_DIR": built_once(tmp_path_factory, "xla_cache", str)}
 
 
 # One 8-device process checks the step two ways, reusing its compiled programs (the MobileNetV2 step
@@ -245,12 +277,35 @@ STEP_CHECKS = textwrap.dedent("""
 @pytest.fixture(scope="session")
 def step_facts(tiny_data_dir, tmp_path_factory):
   """What STEP_CHECKS measured, plus "workdir": where it saved its 8-device checkpoint."""
-  import json
   import subprocess
-  workdir = tmp_path_factory.mktemp("saved_on_8")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  result = subprocess.run([sys.executable, "-c", STEP_CHECKS, str(tiny_data_dir), str(workdir)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-  lines = [line for line in result.stdout.splitlines() if line.startswith("FACTS ")]
-  assert result.returncode == 0 and lines, result.stdout + result.stderr[-3000:]
-  return json.loads(lines[-1][len("FACTS "):]) | {"workdir": workdir}
+
+  def build(workdir):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = subprocess.run([sys.executable, "-c", STEP_CHECKS, str(tiny_data_dir), str(workdir)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("FACTS ")]
+    assert result.returncode == 0 and lines, result.stdout + result.stderr[-3000:]
+    return json.loads(lines[-1][len("FACTS "):]) | {"workdir": str(workdir)}
+  facts = built_once(tmp_path_factory, "saved_on_8", build)
+  return facts | {"workdir": pathlib.Path(facts["workdir"])}
+
+
+# The longest tests (minutes of real processes), longest first: pytest-xdist hands tests out in
+# collection order, so these start at once on both workers and the short ones fill in behind them,
+# instead of one of them starting last and running alone at the end.
+LONGEST_FIRST = (
+    "test_distributed.py::test_two_processes_preempted_and_resumed",
+    "test_reliability.py::test_kill_9_at_ten_random_moments",
+    "test_weights.py::test_convert_command_then_a_six_class_run",
+    "test_infer.py::test_a_checkpoint_saved_on_8_devices_restores_on_1",
+    "test_weights.py::test_voc_xception_fine_tunes_end_to_end",
+    "test_reliability.py::test_each_bad_input_is_one_line",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    name = item.nodeid.split("/")[-1]
+    return next((k for k, prefix in enumerate(LONGEST_FIRST) if name.startswith(prefix)),
+                len(LONGEST_FIRST))
+  items.sort(key=rank)

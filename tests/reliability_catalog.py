@@ -60,7 +60,8 @@ FAULTS = (
           "test_train.py::test_a_nonfinite_batch_leaves_the_sharded_state_unchanged_and_is_flagged"),
     Fault("The disk fills (or a file-size limit is hit) during an asynchronous checkpoint save",
           "`WORKDIR/checkpoints/N.orbax-checkpoint-tmp/... could not be written: ...; free space, "
-          "lift the limit or choose another path`, exit 6; the earlier checkpoints restore unchanged",
+          "lift the limit or choose another path`, exit 6, as the last line (Orbax's writer threads "
+          "log one line each above it, no tracebacks); the earlier checkpoints restore unchanged",
           "test_reliability.py::test_a_full_disk_during_a_save_is_one_line_and_earlier_checkpoints_"
           "stay_intact"),
     Fault("A truncated JPEG or PNG inside a built data set",

@@ -2,6 +2,7 @@
 default model values (no test-only depthwise or allocator choice); bad input to each is in
 test_reliability."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -28,7 +29,9 @@ def _finish(process, timeout=300):
 
 @pytest.mark.reliability  # the SavedModel's refusal of an image larger than its crop
 def test_infer_evaluate_and_export_work_on_a_default_workdir(trained_workdir, tmp_path):
-  workdir, data_dir = trained_workdir
+  source, data_dir = trained_workdir
+  workdir = tmp_path / "w"  # evaluate writes into it; the session's run is read-only
+  shutil.copytree(source, workdir)
   config = json.loads((workdir / "config.json").read_text())
   assert config["model"]["depthwise_impl"] == "auto"  # the default path: native on one CPU device
   images = tmp_path / "images"
