@@ -61,22 +61,38 @@ def _steps(checkpoints):
   return sorted(int(n) for n in names if n.isdigit()), [n for n in names if "tmp" in n]
 
 
+def _writes_since(checkpoints, since: float) -> list[str]:
+  """Half-written step folders created at or after `since`: a write under way now, not one that a
+  killed run left behind (those stay until that step is saved again)."""
+  found = []
+  for name in _steps(checkpoints)[1]:
+    try:
+      if (checkpoints / name).stat().st_ctime >= since:
+        found.append(name)
+    except FileNotFoundError:  # finalized (renamed) meanwhile
+      pass
+  return found
+
+
 def test_kill_9_at_ten_random_moments_resumes_exactly_from_the_last_complete_checkpoint(
     trained_run, tiny_data_dir, tmp_path, compile_cache_env):
-  """Every other kill waits for an asynchronous checkpoint write to be under way (its temporary
-  folder present); the others land at a random moment of training. Each restart must resume from the
-  newest finalized checkpoint (never a half-written one), and the end must equal the uninterrupted
-  run's parameters (the session's trained run: same flags)."""
+  """Every other kill lands during an asynchronous checkpoint write: the run's second one, so its
+  first has finalized and the run got somewhere. The others land at a random moment of up to 3 s
+  after training starts (loading the compiled step, training, evaluating, writing). Each restart must
+  resume from the newest finalized checkpoint (never a half-written one), and the end must equal the
+  uninterrupted run's parameters (the session's trained run: the same flags but for how often it
+  saves, which changes no value)."""
   env = dict(os.environ, **compile_cache_env)
   reference, _ = trained_run
   flags = [f"--config.train.steps={TRAINED_STEPS}", "--config.eval.every_steps=10",
-           "--config.checkpoint.every_steps=5"]
+           "--config.checkpoint.every_steps=2"]
   workdir = tmp_path / "killed"
   checkpoints = workdir / "checkpoints"
   rng = random.Random(17)
   kills, in_write, resumed_from = 0, 0, []
   while kills < 10:
     before, _ = _steps(checkpoints)
+    started = time.time() - 1.0  # file times are coarser than time.time()
     run = _Run(_args(workdir, tiny_data_dir, *flags), env)
     assert run.wait_for("training steps"), "".join(run.lines)[-3000:]
     resumed = [line for line in run.lines if "resumed from" in line]
@@ -85,11 +101,12 @@ def test_kill_9_at_ten_random_moments_resumes_exactly_from_the_last_complete_che
       resumed_from.append(before[-1])
     if kills % 2 == 0:
       deadline = time.time() + 60
-      while time.time() < deadline and run.process.poll() is None and not _steps(checkpoints)[1]:
+      while time.time() < deadline and run.process.poll() is None and not (
+          _writes_since(checkpoints, started) and _steps(checkpoints)[0][-1:] > before[-1:]):
         time.sleep(0.002)
     else:
-      time.sleep(rng.uniform(0.0, 1.0))
-    writing = bool(_steps(checkpoints)[1])
+      time.sleep(rng.uniform(0.0, 3.0))
+    writing = bool(_writes_since(checkpoints, started))
     assert run.process.poll() is None, f"the run ended before kill {kills + 1}: lower the kill delays"
     run.kill()
     kills += 1
@@ -99,6 +116,8 @@ def test_kill_9_at_ten_random_moments_resumes_exactly_from_the_last_complete_che
   print(f"kill -9: {kills} kills, {in_write} during an asynchronous checkpoint write; restarts resumed "
         f"from steps {resumed_from}")
   assert in_write >= 5, in_write
+  # The kills interrupted a run that progressed: restarts came from ever later checkpoints.
+  assert resumed_from == sorted(resumed_from) and len(set(resumed_from)) >= 5, resumed_from
   expected = saved_state(reference, TRAINED_STEPS)
   got = saved_state(workdir, TRAINED_STEPS)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected, got)
