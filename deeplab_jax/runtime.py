@@ -145,7 +145,7 @@ def run_command(fn, *, compile_cache: bool = True):
     sys.stdout.flush()
     print(f"deeplab_jax: {e}", file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
-  except Exception as e:  # noqa: BLE001: every exception ends in one readable line
+  except Exception as e:  # noqa: BLE001 (every exception ends in one readable line)
     known = user_error_line(e)
     if known is not None:
       _fail(*known)
