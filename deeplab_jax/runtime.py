@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import threading
+import time
 import traceback
 import warnings
 
@@ -143,7 +144,7 @@ def run_command(fn, *, compile_cache: bool = True):
     _fail("interrupted", 130)
   except Preempted as e:  # a clean stop, not an error
     sys.stdout.flush()
-    print(f"deeplab_jax: {e}", file=sys.stderr, flush=True)
+    _whole_line(f"deeplab_jax: {e}")
     sys.exit(e.exit_code)
   except Exception as e:  # noqa: BLE001 (every exception ends in one readable line)
     known = user_error_line(e)
@@ -194,20 +195,53 @@ def _summary(message: str, last: bool = False) -> str:
   return lines[-1] if last else " ".join(lines[:2])
 
 
+EXIT_GRACE_S = 5.0
+
+
 def _fail(line: str, code: int):
   sys.stdout.flush()
-  print(f"deeplab_jax: error: {line}", file=sys.stderr, flush=True)
-  if sys.stderr is sys.__stderr__:  # a command's process, not a test calling run_command in-process
-    _nothing_after_this_line()
+  if sys.stderr is not sys.__stderr__:  # a test calling run_command in-process
+    print(f"deeplab_jax: error: {line}", file=sys.stderr, flush=True)
+    sys.exit(code)
+  _last_line(f"deeplab_jax: error: {line}")
+  _exit_within(EXIT_GRACE_S, code)
   sys.exit(code)
 
 
-def _nothing_after_this_line():
-  """Library threads that die with the interpreter (a failed asynchronous checkpoint write's event
-  loop and TensorStore's C++ threads) would log below the error line, from Python or C++: it stays
-  the last one."""
+def _whole_line(text: str):
+  """One write of the line and its newline: processes that share a pipe (launch/local_processes.sh)
+  would otherwise interleave their texts and newlines (print writes them apart)."""
+  sys.stderr.flush()
+  try:
+    fd = sys.stderr.fileno()
+  except (AttributeError, OSError, ValueError):  # a test's capture: no file behind it
+    print(text, file=sys.stderr, flush=True)
+    return
+  os.write(fd, (text + "\n").encode())
+
+
+def _last_line(text: str):
+  """Library threads that outlive the error (the summary writer's, a failed asynchronous checkpoint
+  write's event loop, TensorStore's C++ threads) would log below it, from Python or C++: stderr goes
+  to /dev/null first, then the line is written to the stream it was, so it is the last one."""
+  logging_lib.disable(logging_lib.CRITICAL)
   sys.unraisablehook = lambda unraisable: None
   threading.excepthook = lambda args: None
   warnings.simplefilter("ignore")  # e.g. "coroutine ... was never awaited" at interpreter exit
   sys.stderr.flush()
-  os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+  fd = sys.stderr.fileno()
+  stream = os.dup(fd)
+  os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+  os.write(stream, (text + "\n").encode())
+  os.close(stream)
+
+
+def _exit_within(seconds: float, code: int):
+  """Interpreter exit joins every non-daemon thread, and Orbax's signaling threads wait without end
+  for a checkpoint folder whose creation failed (an unwritable folder): the process would hang after
+  its error line. What has to finish did before the line (train.py waits for its saves and flushes
+  its summaries); the orderly exit gets this long, then the process ends with its code."""
+  def end():
+    time.sleep(seconds)
+    os._exit(code)
+  threading.Thread(target=end, name="exit_within", daemon=True).start()

@@ -326,9 +326,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     final_step = int(jax.device_get(state.step))
     results = run_eval(final_step)
   finally:
-    preemption.close()
-    manager.wait_until_finished()
-    writer.flush()
+    try:
+      preemption.close()
+      manager.wait_until_finished()  # raises if a save failed: the summaries are written anyway
+    finally:
+      writer.flush()
   if is_chief:
     _write_final(workdir, final_step, results, class_names)
     curves.write(workdir, total_steps)

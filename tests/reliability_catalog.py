@@ -64,6 +64,13 @@ FAULTS = (
           "log one line each above it, no tracebacks); the earlier checkpoints restore unchanged",
           "test_reliability.py::test_a_full_disk_during_a_save_is_one_line_and_earlier_checkpoints_"
           "stay_intact"),
+    Fault("The checkpoints folder becomes unwritable during a run (permissions; tried as an "
+          "unprivileged user, since root ignores file modes)",
+          "`WORKDIR/checkpoints/N.orbax-checkpoint-tmp is not accessible (permission denied); choose a "
+          "path you can write, or fix its permissions`, exit 6, as the last line; the earlier "
+          "checkpoints restore unchanged",
+          "test_reliability.py::test_an_unwritable_checkpoint_folder_during_a_run_is_one_line_and_"
+          "earlier_checkpoints_stay_intact"),
     Fault("A truncated JPEG or PNG inside a built data set",
           "`1 example(s) of DATASET split train do not decode (a truncated or corrupt image or mask), "
           "first 'NAME'; rebuild the data set from intact files, or set "

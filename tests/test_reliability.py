@@ -7,7 +7,6 @@ import os
 import pathlib
 import random
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -142,39 +141,91 @@ def test_a_diverging_loss_stops_with_one_line_and_every_checkpoint_is_finite(
   assert f"the last checkpoint (step {steps[-1]}) is intact" in last
 
 
-def _limit_file_size(limit):
-  def apply():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-  return apply
+# Sets the file-size limit, then becomes the command (argv[2:]). A shim rather than preexec_fn:
+# Python code run between fork and exec in this multithreaded (JAX) process can deadlock.
+_LIMITED = ("import os, resource, signal, sys; "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "  # writes past it fail with EFBIG
+            "limit = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+            "os.execv(sys.argv[2], sys.argv[2:])")
 
 
-def test_a_full_disk_during_a_save_is_one_line_and_earlier_checkpoints_stay_intact(
-    trained_run, tiny_data_dir, tmp_path, compile_cache_env):
-  """Files may not grow past 64 KiB (RLIMIT_FSIZE: what a full disk looks like to a writer): the
-  restarted run's next checkpoint cannot be written. One line names the path and the fix, and the
-  checkpoints already there still restore."""
-  source, _ = trained_run
-  shutil.copytree(source, tmp_path / "w")
-  workdir = tmp_path / "w"
-  before, _ = _steps(workdir / "checkpoints")
-  expected = saved_state(workdir, before[-1])
-  args = _args(workdir, tiny_data_dir, f"--config.train.steps={before[-1] + 4}",
-               "--config.checkpoint.every_steps=2", "--config.eval.every_steps=1000")
-  # The limit would truncate compiled-program cache entries too: a private copy of the cache.
-  cache = tmp_path / "xla_cache"
-  shutil.copytree(compile_cache_env["JAX_COMPILATION_CACHE_DIR"], cache)
-  result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache)),
-                          preexec_fn=_limit_file_size(64 * 1024))
+def _rewound(trained_run, workdir):
+  """A copy of the session's trained workdir without its last checkpoint, and the command that
+  trained it, pointed at the copy: rerun, it restores the checkpoint before, trains the last steps
+  again and saves, on the compiled step already in the cache (the step count is compiled into the
+  learning-rate schedule, so any other count would compile a new step)."""
+  source, result = trained_run
+  shutil.copytree(source, workdir)
+  steps, _ = _steps(workdir / "checkpoints")
+  shutil.rmtree(workdir / "checkpoints" / str(steps[-1]))
+  (workdir / "final_metrics.json").unlink()
+  args = [f"--workdir={workdir}" if a.startswith("--workdir=") else a for a in result.args]
+  return args, steps[-2]
+
+
+def _save_fails(workdir, step, expected, result, message):
+  """The run stopped on its save with one line, the last, and no traceback; step is still there."""
   assert result.returncode == reliability_catalog.OS_ERROR_EXIT, result.stderr[-3000:]
   # Orbax's writer threads log one line each above it (no tracebacks); nothing comes after it.
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"deeplab_jax: error: {workdir / 'checkpoints'}") and "could not be written" in last, last
-  after, _ = _steps(workdir / "checkpoints")
-  assert before[-1] in after
-  jax.tree.map(np.testing.assert_array_equal, expected, saved_state(workdir, before[-1]))
+  assert last.startswith(f"deeplab_jax: error: {workdir / 'checkpoints'}") and message in last, last
+  assert _steps(workdir / "checkpoints")[0] == [step]
+  assert not (workdir / "final_metrics.json").exists()
+  jax.tree.map(np.testing.assert_array_equal, expected, saved_state(workdir, step))
+
+
+# Sets the file-size limit, then becomes the command (argv[2:]). A shim rather than preexec_fn:
+# Python code run between fork and exec in this multithreaded (JAX) process can deadlock.
+_LIMITED = ("import os, resource, signal, sys; "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "  # writes past it fail with EFBIG
+            "limit = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+            "os.execv(sys.argv[2], sys.argv[2:])")
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_earlier_checkpoints_stay_intact(
+    trained_run, tmp_path, compile_cache_env):
+  """Files may not grow past 64 KiB (RLIMIT_FSIZE: what a full disk looks like to a writer): the
+  resumed run's next checkpoint cannot be written. One line names the path and the fix, and the
+  checkpoint already there still restores."""
+  workdir = tmp_path / "w"
+  args, step = _rewound(trained_run, workdir)
+  expected = saved_state(workdir, step)
+  # The limit would truncate compiled-program cache entries too: a private copy of the cache.
+  cache = tmp_path / "xla_cache"
+  shutil.copytree(compile_cache_env["JAX_COMPILATION_CACHE_DIR"], cache)
+  result = subprocess.run([sys.executable, "-c", _LIMITED, str(64 * 1024), sys.executable, "-m", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache)))
+  _save_fails(workdir, step, expected, result, "could not be written")
+
+
+def _bound_by_file_modes() -> list[str]:
+  """A command prefix under which file modes bind: none for a user; for root (whom modes do not
+  stop), a user namespace in which root's files belong to an unprivileged user."""
+  if os.geteuid() != 0:
+    return []
+  prefix = ["unshare", "--user", "--map-user=65534", "--map-group=65534"]
+  if shutil.which("unshare") is None or subprocess.run([*prefix, "true"], capture_output=True).returncode:
+    pytest.skip("running as root, and no user namespace (unshare --user) to drop the privilege in")
+  return prefix
+
+
+def test_an_unwritable_checkpoint_folder_during_a_run_is_one_line_and_earlier_checkpoints_stay_intact(
+    trained_run, tmp_path, compile_cache_env):
+  """The checkpoints folder loses its write permission (a remount, a shared disk's quota policy, a
+  chmod): the resumed run's next save fails; one line names the path and the fix."""
+  workdir = tmp_path / "w"
+  args, step = _rewound(trained_run, workdir)
+  expected = saved_state(workdir, step)
+  (workdir / "checkpoints").chmod(0o555)
+  try:
+    result = subprocess.run([*_bound_by_file_modes(), sys.executable, "-m", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, **compile_cache_env))
+  finally:
+    (workdir / "checkpoints").chmod(0o755)
+  _save_fails(workdir, step, expected, result, "is not accessible (permission denied)")
 
 
 def _folder_data(root, corrupt: bool):
