@@ -200,27 +200,43 @@ EXIT_GRACE_S = 5.0
 
 def _fail(line: str, code: int):
   sys.stdout.flush()
-  if sys.stderr is not sys.__stderr__:  # a test calling run_command in-process
-    print(f"deeplab_jax: error: {line}", file=sys.stderr, flush=True)
+  text = f"deeplab_jax: error: {line}"
+  fd = _own_stderr()
+  if fd is None:  # a test calling run_command in-process: its capture gets the line
+    print(text, file=sys.stderr, flush=True)
     sys.exit(code)
-  _last_line(f"deeplab_jax: error: {line}")
+  _last_line(fd, text)
   _exit_within(EXIT_GRACE_S, code)
   sys.exit(code)
 
 
-def _whole_line(text: str):
+def _own_stderr() -> int | None:
+  """The process's own stderr file descriptor; None under a test's capture, which must neither be
+  redirected nor outlived."""
+  if sys.stderr is not sys.__stderr__:
+    return None
+  try:
+    return sys.stderr.fileno()
+  except (AttributeError, OSError, ValueError):  # e.g. an embedding host's stream with no file
+    return None
+
+
+def _write_line(fd: int, text: str):
   """One write of the line and its newline: processes that share a pipe (launch/local_processes.sh)
   would otherwise interleave their texts and newlines (print writes them apart)."""
-  sys.stderr.flush()
-  try:
-    fd = sys.stderr.fileno()
-  except (AttributeError, OSError, ValueError):  # a test's capture: no file behind it
-    print(text, file=sys.stderr, flush=True)
-    return
   os.write(fd, (text + "\n").encode())
 
 
-def _last_line(text: str):
+def _whole_line(text: str):
+  sys.stderr.flush()
+  fd = _own_stderr()
+  if fd is None:
+    print(text, file=sys.stderr, flush=True)
+  else:
+    _write_line(fd, text)
+
+
+def _last_line(fd: int, text: str):
   """Library threads that outlive the error (the summary writer's, a failed asynchronous checkpoint
   write's event loop, TensorStore's C++ threads) would log below it, from Python or C++: stderr goes
   to /dev/null first, then the line is written to the stream it was, so it is the last one."""
@@ -229,10 +245,9 @@ def _last_line(text: str):
   threading.excepthook = lambda args: None
   warnings.simplefilter("ignore")  # e.g. "coroutine ... was never awaited" at interpreter exit
   sys.stderr.flush()
-  fd = sys.stderr.fileno()
   stream = os.dup(fd)
   os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
-  os.write(stream, (text + "\n").encode())
+  _write_line(stream, text)
   os.close(stream)
 
 
