@@ -13,6 +13,7 @@ from typing import Iterator
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -271,6 +272,22 @@ def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def train_batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global training batch's shapes and dtypes, as `train_dataset` yields them on all processes
+  together (what deeplab_jax.aot compiles the train step for)."""
+  batch, (h, w) = int(config.train.batch_size), (int(v) for v in config.input.crop_size)
+  return {"image": jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32),
+          "label": jax.ShapeDtypeStruct((batch, h, w), jnp.uint8)}
+
+
+def eval_batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global evaluation batch's shapes and dtypes, as `eval_dataset` yields them."""
+  batch, (h, w) = int(config.eval.batch_size), (int(v) for v in config.eval.crop_size)
+  return {"image": jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32),
+          "label": jax.ShapeDtypeStruct((batch, h, w), jnp.uint8),
+          "mask": jax.ShapeDtypeStruct((batch,), jnp.bool_)}
 
 
 def _eval_shards(builder, config) -> list[str]:

@@ -62,6 +62,13 @@ def init_state(rng, *, model, tx) -> TrainState:
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
 
 
+def model_for_mesh(config, mesh, output_stride: int | None = None):
+  """`config`'s model for the devices of `mesh`: their platform and number pick the formulations, so
+  the programs compiled ahead of time for a TPU slice (deeplab_jax.aot) are the ones it would run."""
+  return create_model(config, output_stride, platform=mesh.devices.flat[0].platform,
+                      num_devices=mesh.size)
+
+
 def abstract_state(config) -> TrainState:
   """Shapes and dtypes of `config`'s train state (what a checkpoint of it holds), without computing."""
   init_fn = functools.partial(init_state, model=create_model(config), tx=create_tx(config))
@@ -128,6 +135,19 @@ def jit_train_step(config, model, tx, mesh, state_sh, dropout_rng):
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
+def jit_eval_step(config, mesh, state_sh):
+  """The eval step jitted over `mesh` at the eval output stride: parameters keep their training
+  shardings, the padded batch is split over the data axis, the confusion matrix is replicated and
+  the predictions stay split. Training's evaluation and deeplab_jax.aot run this."""
+  model = model_for_mesh(config, mesh, config.eval.output_stride or config.model.output_stride)
+  batch_sh = sharding.batch_sharding(mesh)
+  return jax.jit(
+      functools.partial(eval_step, model=model, num_classes=int(config.dataset.num_classes),
+                        ignore_label=int(config.dataset.ignore_label)),
+      in_shardings=(state_sh.params, state_sh.batch_stats, batch_sh),
+      out_shardings=(sharding.replicated(mesh), batch_sh))
+
+
 def eval_step(params, batch_stats, batch: dict, *, model, num_classes: int, ignore_label: int):
   """Confusion matrix of one padded batch (masked examples and ignored pixels excluded), predictions."""
   logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=False)
@@ -145,16 +165,9 @@ class Evaluator:
   def __init__(self, config, builder, mesh, state_shardings):
     self.config, self.builder, self.mesh = config, builder, mesh
     self.num_classes = int(config.dataset.num_classes)
-    eval_os = config.eval.output_stride or config.model.output_stride
-    model = create_model(config, output_stride=eval_os)
-    batch_sh = sharding.batch_sharding(mesh)
-    self.batch_sharding = batch_sh
+    self.batch_sharding = sharding.batch_sharding(mesh)
     self.num_batches = input_pipeline.eval_num_batches(builder, config)
-    self.step_fn = jax.jit(
-        functools.partial(eval_step, model=model, num_classes=self.num_classes,
-                          ignore_label=int(config.dataset.ignore_label)),
-        in_shardings=(state_shardings.params, state_shardings.batch_stats, batch_sh),
-        out_shardings=(sharding.replicated(mesh), batch_sh))
+    self.step_fn = jit_eval_step(config, mesh, state_shardings)
     crop = tuple(int(v) for v in config.eval.crop_size)
     pixels = int(config.eval.batch_size) * crop[0] * crop[1]
     self.flush_every = max(1, (2**31 - 1) // pixels)
@@ -240,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   input_pipeline.check_split(builder, config.dataset.train_split, "config.dataset.train_split")
   input_pipeline.check_split(builder, config.dataset.eval_split, "config.dataset.eval_split")
 
-  model = create_model(config)
+  model = model_for_mesh(config, mesh)
   tx = create_tx(config)
   init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
   abstract_state, state_sh, init = sharded_init(config, model, tx, mesh, init_rng)

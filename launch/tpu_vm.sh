@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Train deeplab-jax on a Cloud TPU VM slice (one host or a multi-host pod) from a laptop with gcloud.
 #
-#   launch/tpu_vm.sh create|setup|run|logs|watch|stop|delete|all [options] [-- --config.x=y ...]
+#   launch/tpu_vm.sh rehearse|create|setup|run|logs|watch|stop|delete|all [options] [-- --config.x=y ...]
 #
-#   create  the TPU VM (--queued: a queued resource, which waits for capacity; --spot: preemptible)
+#   rehearse  compile the config's train and eval steps for --accelerator here, on this machine
+#           (python -m deeplab_jax.aot; needs this checkout's requirements, libtpu among them): says
+#           whether they fit and how fast they should run, and fails if they do not fit
+#   create  rehearse, then the TPU VM (--queued: a queued resource, which waits for capacity; --spot:
+#           preemptible); a config that does not fit is refused before anything is created
 #   setup   every worker: the repository at this checkout's commit, a venv, requirements, jax[tpu]
 #   run     the training command on every worker (--worker=all), in the foreground; the log of each
 #           worker is also kept in ~/deeplab_jax.log there
@@ -11,14 +15,15 @@
 #   watch   run, and after a preemption (or any failure) wait for the VM, recreate and set it up if it
 #           is gone, and run again: the job resumes from its gs:// workdir; ends when a run exits 0
 #   stop, delete  the VM (delete also deletes a queued resource)
-#   all     create, setup, watch
+#   all     rehearse, create, setup, watch
 #
 # Options (also as environment variables in capitals: NAME, ZONE, ...):
 #   --name=deeplab-jax --zone=us-central2-b --accelerator=v4-16 --runtime=tpu-ubuntu2204-base
 #   --spot --queued --config=configs/voc_xception.py --workdir=gs://BUCKET/run (required for run)
 #   --repo=URL (default: this checkout's origin) --commit=SHA (default: this checkout's HEAD)
 #   --jax_version=0.10.2 --max_restarts=20 --retry_seconds=60 --dry_run (print every command only)
-# Everything after -- goes to python -m deeplab_jax.main (config overrides).
+#   --no_rehearsal (create without compiling first, e.g. where libtpu does not install: macOS)
+# Everything after -- goes to python -m deeplab_jax.main (config overrides), and to the rehearsal.
 set -euo pipefail
 
 NAME=${NAME:-deeplab-jax}
@@ -36,12 +41,14 @@ RETRY_SECONDS=${RETRY_SECONDS:-60}
 REPO=${REPO:-}
 COMMIT=${COMMIT:-}
 COLLECT=${COLLECT:-}
+REHEARSAL=${REHEARSAL:-1}
+PYTHON=${PYTHON:-python}
 EXTRA=()
 
 die() { echo "launch/tpu_vm.sh: error: $*" >&2; exit 2; }
 
 ACTION=${1:-}
-[[ -n "$ACTION" ]] || die "usage: launch/tpu_vm.sh create|setup|run|logs|watch|stop|delete|all [options] [-- overrides]"
+[[ -n "$ACTION" ]] || die "usage: launch/tpu_vm.sh rehearse|create|setup|run|logs|watch|stop|delete|all [options] [-- overrides]"
 shift
 while (($#)); do
   case "$1" in
@@ -60,6 +67,7 @@ while (($#)); do
     --spot) SPOT=1 ;;
     --queued) QUEUED=1 ;;
     --dry_run) DRY_RUN=1 ;;
+    --no_rehearsal) REHEARSAL=0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) die "unknown option $1 (see the top of launch/tpu_vm.sh)" ;;
   esac
@@ -79,7 +87,18 @@ run() {
 tpu() { run gcloud compute tpus tpu-vm "$@" --zone="$ZONE"; }
 on_all_workers() { tpu ssh "$NAME" --worker=all --command="$1"; }
 
-create() {
+# The config compiled for the slice on this machine, before anything is paid for: the training
+# command's own overrides, the train and eval steps, a misfit refused with the batch that fits.
+rehearse() {
+  if [[ "$REHEARSAL" != 1 ]]; then echo "# (no rehearsal: --no_rehearsal)"; return; fi
+  local cmd=("$PYTHON" -m deeplab_jax.aot --config="$CONFIG" --topology="$ACCELERATOR" --nosearch)
+  if ((${#EXTRA[@]})); then cmd+=("${EXTRA[@]}"); fi
+  (cd "$HERE" && run "${cmd[@]}") || die "the rehearsal of $CONFIG on $ACCELERATOR failed (its last line says why); nothing was created"
+}
+
+create() { rehearse; create_vm; }
+
+create_vm() {
   local spot=()
   if [[ "$SPOT" == 1 ]]; then spot=(--spot); fi
   if [[ "$QUEUED" == 1 ]]; then
@@ -166,7 +185,7 @@ watch() {
       CREATING|STARTING|RESTARTING|REPAIRING) wait_ready ;;
       *) echo "$NAME is $now (preempted?): recreating it"
          delete || true
-         create
+         create_vm  # rehearsed before the first creation
          wait_ready
          setup ;;
     esac
@@ -175,6 +194,7 @@ watch() {
 }
 
 case "$ACTION" in
+  rehearse) rehearse ;;
   create) create ;;
   setup) setup ;;
   run) run_job ;;
@@ -183,5 +203,5 @@ case "$ACTION" in
   stop) tpu stop "$NAME" ;;
   delete) delete ;;
   all) create; setup; watch ;;
-  *) die "unknown command $ACTION: create|setup|run|logs|watch|stop|delete|all" ;;
+  *) die "unknown command $ACTION: rehearse|create|setup|run|logs|watch|stop|delete|all" ;;
 esac

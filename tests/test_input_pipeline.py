@@ -37,11 +37,19 @@ def test_train_batches_repeat_and_resume_at_any_step_across_epochs(tiny_data_dir
   assert not np.array_equal(_batches(config, 0, 1)[0]["image"], reference[0]["image"])
 
 
+def _matches(batch, spec):
+  """A one-process batch against the spec deeplab_jax.aot compiles for (its global shapes)."""
+  assert set(batch) == set(spec)
+  for key, array in batch.items():
+    assert (array.shape, array.dtype) == (spec[key].shape, spec[key].dtype), key
+
+
 def test_train_batches_have_the_crop_shape_and_only_class_or_ignore_labels(tiny_data_dir):
   config = tiny_config(tiny_data_dir)
   for batch in _batches(config, 0, 5):
     assert batch["image"].shape == (2, 33, 33, 3) and batch["image"].dtype == np.float32
     assert batch["label"].shape == (2, 33, 33) and batch["label"].dtype == np.uint8
+    _matches(batch, input_pipeline.train_batch_spec(config))
     assert set(np.unique(batch["label"])) <= set(range(6)) | {255}
     assert 0 <= batch["image"].min() and batch["image"].max() <= 255
 
@@ -143,6 +151,8 @@ def test_padded_evaluation_counts_every_pixel_once(tiny_data_dir, monkeypatch, p
     batch_counts.add(len(batches))
     for batch in batches:
       assert batch["image"].shape == (3, 129, 129, 3)
+      if process_count == 1:
+        _matches(batch, input_pipeline.eval_batch_spec(config))
       examples += int(batch["mask"].sum())
       total += np.asarray(metrics.confusion_matrix(batch["label"], batch["label"], 6,
                                                    mask=batch["mask"]))

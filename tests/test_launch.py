@@ -32,6 +32,11 @@ def pop(var, default):
 
 if "describe" in args:
   print(pop("FAKE_STATES", "READY"))
+elif "deeplab_jax.aot" in args:  # the rehearsal: $FAKE_AOT_CODE, with a line as the real one writes
+  code = int(os.environ.get("FAKE_AOT_CODE", "0"))
+  if code:
+    print("deeplab_jax: error: config.train.batch_size=64 does not fit v4-16", file=sys.stderr)
+  sys.exit(code)
 elif any("deeplab_jax.main" in a for a in args):
   by_process = os.environ.get("FAKE_CODE_BY_PROCESS")  # concurrent processes: no shared file
   ids = [a.split("=")[1] for a in args if a.startswith("--process_id=")]
@@ -75,8 +80,12 @@ def _gcloud(calls):
 
 
 def test_tpu_vm_create_setup_run_logs_delete(fake_bin):
-  result, calls = fake_bin([*TPU, "create", *COMMON, "--spot"])
+  result, calls = fake_bin([*TPU, "create", *COMMON, "--spot", "--", "--config.train.batch_size=32"])
   assert result.returncode == 0, result.stderr
+  # The config is compiled for the slice here first, with the run's own overrides.
+  assert calls[0] == {"cmd": "python", "cuda": None, "args": [
+      "-m", "deeplab_jax.aot", "--config=configs/voc_xception.py", "--topology=v4-16", "--nosearch",
+      "--config.train.batch_size=32"]}
   assert _gcloud(calls) == [["compute", "tpus", "tpu-vm", "create", "seg", "--accelerator-type=v4-16",
                              "--version=tpu-ubuntu2204-base", "--spot", "--zone=us-central2-b"]]
 
@@ -112,6 +121,17 @@ def test_tpu_vm_create_setup_run_logs_delete(fake_bin):
   result, calls = fake_bin([*TPU, "delete", *COMMON, "--queued"])
   assert _gcloud(calls) == [["compute", "tpus", "queued-resources", "delete", "seg", "--zone=us-central2-b",
                              "--force", "--quiet"]]
+
+
+def test_tpu_vm_refuses_a_config_that_does_not_fit_before_creating_anything(fake_bin):
+  result, calls = fake_bin([*TPU, "all", *COMMON, "--spot"], env={"FAKE_AOT_CODE": "2"})
+  assert result.returncode == 2 and _gcloud(calls) == []
+  assert "does not fit v4-16" in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      "launch/tpu_vm.sh: error: the rehearsal of configs/voc_xception.py on v4-16 failed (its last line "
+      "says why); nothing was created")
+  result, calls = fake_bin([*TPU, "create", *COMMON, "--no_rehearsal"], env={"FAKE_AOT_CODE": "2"})
+  assert result.returncode == 0 and [c["cmd"] for c in calls] == ["gcloud"]
 
 
 def test_tpu_vm_watch_recreates_a_preempted_vm_and_runs_again(fake_bin):

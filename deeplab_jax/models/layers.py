@@ -52,7 +52,7 @@ def conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1, groups: int 
   kh, kw, cin, _ = kernel.shape
   rates = (rate, rate) if kh > 1 or kw > 1 else (1, 1)
   padding = (explicit_padding(kh, rates[0]), explicit_padding(kw, rates[1]))
-  narrow = kh * kw * cin <= IM2COL_MAX_DEPTH and jax.default_backend() == "cpu"
+  narrow = kh * kw * cin <= IM2COL_MAX_DEPTH and target_platform() == "cpu"
   if groups == 1 and (kh == kw == 1 or narrow):
     return _patch_matmul(x, kernel, stride, rates, padding)
   return lax.conv_general_dilated(
@@ -87,10 +87,13 @@ class LayerOptions:
 
   depthwise_impl: see `depthwise_conv2d`. bn_momentum: overrides every network's own BatchNorm decay
   (short runs from scratch need a faster one than the paper's 0.9997). remat: see `backbone_unit`.
+  platform: the backend the program is for (None: this process's), which may differ from the one
+  tracing it when compiling ahead of time for a TPU on a CPU (deeplab_jax.aot).
   """
   depthwise_impl: str = "grouped"
   bn_momentum: Optional[float] = None
   remat: bool = False
+  platform: Optional[str] = None
 
 
 _options: contextvars.ContextVar[LayerOptions] = contextvars.ContextVar("layer_options",
@@ -111,6 +114,11 @@ def layer_options(options: LayerOptions):
     yield
   finally:
     _options.reset(token)
+
+
+def target_platform() -> str:
+  """The backend the traced program is for: LayerOptions.platform, else this process's default."""
+  return _options.get().platform or jax.default_backend()
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,6 +147,8 @@ def depthwise_conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1,
     return conv2d(x, kernel, stride, rate, groups=x.shape[-1])
   if impl not in depthwise_lib.IMPLS:
     raise ValueError(f"depthwise implementation {impl!r}: choose one of {', '.join(DEPTHWISE_IMPLS)}")
+  if impl == "native" and target_platform() != "cpu":  # the kernel is a CPU library
+    impl = "shift"
   return depthwise_lib.IMPLS[impl](x, kernel, stride, rate)
 
 

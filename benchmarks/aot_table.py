@@ -1,0 +1,122 @@
+"""The TPU table of benchmarks/README.md: every config rehearsed on the slices a user would pick for it.
+
+  python benchmarks/aot_table.py             # compile the rows not yet in aot_table.jsonl (hours)
+  python benchmarks/aot_table.py --markdown  # print the table from aot_table.jsonl
+
+Each row is `python -m deeplab_jax.aot` on one config, slice and variant (dtype, depthwise
+formulation, remat), with the largest batch searched; results are appended to
+benchmarks/aot_table.jsonl as they come, so an interrupted run goes on where it stopped. On a 2-core
+CPU an Xception-65 513x513 train step compiles in 4-9 minutes and a row takes 3-5 compiles.
+tests/test_benchmarks.py checks that the README's table is this file's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+if __name__ == "__main__":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "aot_table.jsonl")
+VARIANTS = [(dtype, dw, remat) for dtype in ("bfloat16", "float32") for dw in ("shift", "grouped")
+            for remat in (False, True)]
+# (config, slice, [(dtype, depthwise, remat)]): the paper's recipe on 4 v5e chips in every variant
+# first, then each config's defaults plus bfloat16 on the slices it is meant for.
+ROWS = ([("voc_xception", "v5litepod-4", VARIANTS)] +
+        [("voc_xception", s, [("bfloat16", "auto", False), ("float32", "auto", False)])
+         for s in ("v4-8", "v5p-8", "v5litepod-8", "v5litepod-16", "v3-8", "v6e-4")] +
+        [(c, s, [("bfloat16", "auto", False), ("float32", "auto", False)])
+         for c in ("voc_resnet101", "cityscapes_xception", "ade20k_xception")
+         for s in ("v5litepod-4", "v4-8", "v5p-8")] +
+        [("shapes", "v5litepod-4", [("float32", "auto", False)])])
+
+
+def key(config: str, topology: str, dtype: str, depthwise: str, remat: bool) -> str:
+  return f"{config}|{topology}|{dtype}|{depthwise}|{'remat' if remat else 'noremat'}"
+
+
+def load() -> dict[str, dict]:
+  rows = {}
+  if os.path.exists(RESULTS):
+    with open(RESULTS) as f:
+      for line in f:
+        if line.strip():
+          row = json.loads(line)
+          rows[row["key"]] = row
+  return rows
+
+
+def run_missing() -> None:
+  sys.path.insert(0, os.path.dirname(HERE))
+  from deeplab_jax import aot
+  from deeplab_jax.errors import UserError
+  import importlib.util
+  done = load()
+  for config_name, topology, variants in ROWS:
+    for dtype, depthwise, remat in variants:
+      k = key(config_name, topology, dtype, depthwise, remat)
+      if k in done:
+        continue
+      spec = importlib.util.spec_from_file_location(config_name, os.path.join(
+          os.path.dirname(HERE), "configs", f"{config_name}.py"))
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      config = module.get_config()
+      config.model.dtype, config.model.depthwise_impl, config.model.remat = dtype, depthwise, remat
+      start = time.time()
+      try:
+        result = aot.rehearse(config, topology, search=True)
+      except UserError as e:  # e.g. a batch the slice's devices do not divide
+        result = {"error": str(e)}
+      row = {"key": k, "config": config_name, "slice": topology, "dtype": dtype,
+             "depthwise": depthwise, "remat": remat, "wall_s": round(time.time() - start), **result}
+      with open(RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+      print(f"{k}: {row.get('predicted_images_per_s_per_chip')} img/s/chip, max batch "
+            f"{row.get('max_global_batch')} ({row['wall_s']} s)", flush=True)
+
+
+def _gib(value) -> str:
+  return "-" if value is None else f"{value:.1f}"
+
+
+def markdown() -> str:
+  """The README table: one line per row of ROWS that has a result."""
+  done = load()
+  lines = ["| config | slice | dtype | depthwise | remat | train batch fits (GiB/chip) | largest batch "
+           "| GB/img | FLOP/B | img/s/chip | MFU | at the largest batch: img/s/chip, MFU | eval fits |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for config_name, topology, variants in ROWS:
+    for dtype, depthwise, remat in variants:
+      row = done.get(key(config_name, topology, dtype, depthwise, remat))
+      if row is None:
+        continue
+      if "error" in row:
+        lines.append(f"| {config_name} | {topology} | {dtype} | {depthwise} | {'on' if remat else 'off'} "
+                     f"| {row['error']} | | | | | | | |")
+        continue
+      dw = depthwise if depthwise != "auto" else f"auto ({row['depthwise_impl']})"
+      fits = f"{row['global_batch']}: {'yes' if row['fits'] else 'no'} ({_gib(row['peak_memory_per_chip_gib'])})"
+      best = row.get("at_max_global_batch") or {}
+      at_best = (f"{best['predicted_images_per_s_per_chip']:.1f}, {100 * best['predicted_mfu']:.1f}%"
+                 if best else "-")
+      if row["fits"]:
+        speed = (f"{row['bytes_per_image'] / 1e9:.1f} | {row['flop_per_byte']:.1f} | "
+                 f"{row['predicted_images_per_s_per_chip']:.1f} | {100 * row['predicted_mfu']:.1f}%")
+      else:
+        speed = "- | - | - | -"
+      ev = row.get("eval") or {}
+      eval_fits = f"{ev.get('global_batch')}: {'yes' if ev.get('fits') else 'no'}" if ev else "-"
+      lines.append(f"| {config_name} | {topology} | {dtype} | {dw} | {'on' if remat else 'off'} | {fits} "
+                   f"| {row['max_global_batch']} | {speed} | {at_best} | {eval_fits} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  if "--markdown" in sys.argv[1:]:
+    print(markdown())
+  else:
+    run_missing()
