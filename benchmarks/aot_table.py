@@ -4,7 +4,8 @@
   python benchmarks/aot_table.py --markdown  # print the table from aot_table.jsonl
 
 Each row is `python -m deeplab_jax.aot` on one config, slice and variant (dtype, depthwise
-formulation, remat), with the largest batch searched; results are appended to
+formulation, remat), with the largest train batch searched (the eval step is checked at the config's
+eval batch); results are appended to
 benchmarks/aot_table.jsonl as they come, so an interrupted run goes on where it stopped. On a 2-core
 CPU an Xception-65 513x513 train step compiles in 4-9 minutes and a row takes 3-5 compiles.
 tests/test_benchmarks.py checks that the README's table is this file's.
@@ -68,7 +69,7 @@ def run_missing() -> None:
       config.model.dtype, config.model.depthwise_impl, config.model.remat = dtype, depthwise, remat
       start = time.time()
       try:
-        result = aot.rehearse(config, topology, search=True)
+        result = aot.rehearse(config, topology, search=("train",))
       except UserError as e:  # e.g. a batch the slice's devices do not divide
         result = {"error": str(e)}
       row = {"key": k, "config": config_name, "slice": topology, "dtype": dtype,

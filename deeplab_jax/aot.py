@@ -55,10 +55,15 @@ class Compiled:
   hlo: str | None = dataclasses.field(default=None, repr=False)  # the optimized program, per device
 
 
+def _batch_field(config, step: str):
+  """config.train or config.eval: where `step`'s global batch size is."""
+  return config.train if step == "train" else config.eval
+
+
 def _with_batch(config, step: str, global_batch: int):
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    (config.train if step == "train" else config.eval).batch_size = int(global_batch)
+    _batch_field(config, step).batch_size = int(global_batch)
   return config
 
 
@@ -276,21 +281,22 @@ def _significant(value: float, digits: int = 4) -> float:
   return float(f"{value:.{digits}g}")
 
 
-def rehearse(config, topology: str, *, search: bool = True, with_eval: bool = True,
-             batch_limit: int = 256, report=None) -> dict:
+def rehearse(config, topology: str, *, search=STEPS, steps=STEPS, batch_limit: int = 1024,
+             report=None) -> dict:
   """Compile `config`'s steps for `topology`; the JSON-ready result (see the module docstring).
 
-  search: also find the largest batch that fits (more compiles); a batch that does not fit is always
-  searched, so that the answer names one that does. batch_limit: the search's ceiling (global).
+  steps: which of "train" and "eval" to compile. search: the steps whose largest batch that fits is
+  also found (more compiles); a batch that does not fit is always searched, so that the answer names
+  one that does; True and False mean all or none. batch_limit: the search's ceiling (global).
   """
   from deeplab_jax import config as config_lib, sharding
   from deeplab_jax.models import resolve_depthwise_impl
+  search = STEPS if search is True else () if search is False else tuple(search)
   config_lib.validate_training(config)
   target = accelerators.parse(topology)
   mesh = sharding.create_mesh(accelerators.devices(target))
-  for step in STEPS if with_eval else STEPS[:1]:
-    field = f"config.{step}.batch_size"
-    sharding.check_batch(int((config.train if step == "train" else config.eval).batch_size), mesh, field)
+  for step in steps:
+    sharding.check_batch(int(_batch_field(config, step).batch_size), mesh, f"config.{step}.batch_size")
   result = {"topology": target.topology, "name": target.name, "chips": target.chips,
             "hosts": target.hosts, "chip": target.chip.name, "device_kind": target.chip.device_kind,
             "dtype": str(config.model.dtype),
@@ -299,13 +305,13 @@ def rehearse(config, topology: str, *, search: bool = True, with_eval: bool = Tr
             "remat": bool(config.model.remat),
             "peak_flops_per_chip": target.chip.peak_flops,
             "hbm_bandwidth_per_chip": target.chip.hbm_bandwidth}
-  for step in STEPS if with_eval else STEPS[:1]:
-    batch = int((config.train if step == "train" else config.eval).batch_size)
+  for step in steps:
+    batch = int(_batch_field(config, step).batch_size)
     first = compile_step(config, mesh, step, batch)
     if report:
       report(first)
     best, at_best = None, None
-    if search or not first.fits:
+    if step in search or not first.fits:
       limit = max(batch_limit // mesh.size, batch // mesh.size)
       usable = target.chip.usable_hbm_bytes / target.chip.devices_per_chip / accelerators.GIB
       best, at_best = max_global_batch(config, mesh, step, [first], limit, usable, report)
@@ -392,15 +398,17 @@ def main(argv):
                  "fits" if c.fits else f"does not fit ({c.needed_gib} GiB per device asked)")
 
   def run():
-    result = rehearse(FLAGS.config, FLAGS.topology, search=FLAGS.search, with_eval=FLAGS.eval,
-                      report=progress)
+    result = rehearse(FLAGS.config, FLAGS.topology, search=FLAGS.search,
+                      steps=STEPS if FLAGS.eval else ("train",), report=progress)
     print(format_table(result))
     print(json.dumps(result), flush=True)
     line = misfit_line(result)
     if line:
       raise DoesNotFitError(line)
 
-  runtime.run_command(run)
+  # No persistent compilation cache: libtpu's compile-only client writes entries it cannot read back
+  # ("PjRtCompiler must be constructed with a Client to call DeserializeLoadedExecutable").
+  runtime.run_command(run, compile_cache=False)
 
 
 if __name__ == "__main__":

@@ -300,6 +300,7 @@ LONGEST_FIRST = (
     "test_infer.py::test_a_checkpoint_saved_on_8_devices_restores_on_1",
     "test_weights.py::test_voc_xception_fine_tunes_end_to_end",
     "test_reliability.py::test_each_bad_input_is_one_line",
+    "test_aot.py::test_the_embedded_default_compiles_for_a_4_chip_v5e",
 )
 
 

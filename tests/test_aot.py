@@ -45,13 +45,15 @@ def test_the_embedded_default_compiles_for_a_4_chip_v5e_and_fits():
 
 
 def test_a_multi_host_slice_compiles_over_all_its_hosts_devices():
+  """v5e:4x4 is 16 chips on 4 hosts: the eval step (the cheaper compile) spans all of them, and its
+  confusion matrix is summed across them."""
   config = load_config(os.path.join(REPO, "configs", "shapes.py"))
   config.model.depth_multiplier = 0.25
-  config.input.crop_size = (33, 33)
-  config.train.batch_size = 16
-  out = aot.rehearse(config, "v5e:4x4", search=False, with_eval=False)
-  assert (out["chips"], out["hosts"], out["fits"]) == (16, 4, True)
-  assert out["collectives"]["all-reduce"] > 0
+  config.eval.crop_size = (33, 33)
+  config.eval.batch_size = 16
+  out = aot.rehearse(config, "v5e:4x4", search=False, steps=("eval",))
+  assert (out["chips"], out["hosts"], out["eval"]["fits"]) == (16, 4, True)
+  assert out["eval"]["collectives"]["all-reduce"] > 0
 
 
 @pytest.mark.parametrize("platform, devices, expected", [

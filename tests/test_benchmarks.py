@@ -39,3 +39,31 @@ def test_the_pytorch_reference_has_the_jax_models_parameters():
   model = torch_deeplab.DeepLabV3Plus(21)
   assert torch_deeplab.parameter_count(model) == jax_stats["params"] == 41_055_413
   assert torch_deeplab.buffer_count(model) == jax_stats["batch_stats"]
+
+
+def test_the_readme_tpu_table_is_aot_table_jsonl():
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import aot_table
+  text = open(os.path.join(REPO, "benchmarks", "README.md")).read()
+  start, end = "<!-- aot_table.py --markdown -->\n", "<!-- end of aot_table.py --markdown -->"
+  table = text[text.index(start) + len(start):text.index(end)].strip()
+  assert table == aot_table.markdown().strip() or (not aot_table.load() and not table), (
+      "benchmarks/README.md's TPU table is stale: paste python benchmarks/aot_table.py --markdown")
+
+
+def test_tpu_ops_counts_what_the_cost_analysis_counts():
+  """The per-instruction model behind benchmarks/README.md's TPU figures, on a real compiled step."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import tpu_ops
+  from deeplab_jax import accelerators, aot, sharding
+  config = load_config(os.path.join(REPO, "configs", "shapes.py"))
+  config.eval.crop_size = (65, 65)
+  mesh = sharding.create_mesh(accelerators.devices(accelerators.parse("v5e:2x2")))
+  compiled = aot.compile_step(config, mesh, "eval", 8)
+  insts = tpu_ops.instructions(compiled.hlo)
+  modelled = sum(i.cost for i in insts)
+  assert modelled == pytest.approx(compiled.bytes_accessed, rel=0.05)
+  assert 0 < sum(i.hbm for i in insts) <= modelled
+  parts = {p for p, *_ in tpu_ops.by_part(insts)}
+  assert {"fwd backbone", "fwd aspp", "fwd decoder"} <= {" ".join(p.split()[:1] + [p.split()[1].split("/")[0]])
+                                                          for p in parts}
