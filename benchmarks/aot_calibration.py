@@ -11,7 +11,6 @@ benchmarks/tpu_ops.py's totals, then one JSON object.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys

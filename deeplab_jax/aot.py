@@ -109,7 +109,7 @@ def model_flops_per_image(config, mesh, step: str) -> float:
   if step == "train":
     model, crop = train.model_for_mesh(config, mesh), config.input.crop_size
   else:
-    model = train.model_for_mesh(config, mesh, config.eval.output_stride or config.model.output_stride)
+    model = train.model_for_mesh(config, mesh, config.eval.output_stride)
     crop = config.eval.crop_size
   image = jax.ShapeDtypeStruct((1, int(crop[0]), int(crop[1]), 3), jnp.float32)
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), image)

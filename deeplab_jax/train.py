@@ -139,7 +139,7 @@ def jit_eval_step(config, mesh, state_sh):
   """The eval step jitted over `mesh` at the eval output stride: parameters keep their training
   shardings, the padded batch is split over the data axis, the confusion matrix is replicated and
   the predictions stay split. Training's evaluation and deeplab_jax.aot run this."""
-  model = model_for_mesh(config, mesh, config.eval.output_stride or config.model.output_stride)
+  model = model_for_mesh(config, mesh, config.eval.output_stride)  # None: the training stride
   batch_sh = sharding.batch_sharding(mesh)
   return jax.jit(
       functools.partial(eval_step, model=model, num_classes=int(config.dataset.num_classes),

@@ -61,11 +61,13 @@ def test_a_multi_host_slice_compiles_over_all_its_hosts_devices():
 def test_auto_depthwise_is_chosen_for_the_platform_the_program_is_for(platform, devices, expected):
   assert resolve_depthwise_impl("auto", platform, devices) == expected
   assert resolve_depthwise_impl("grouped", platform, devices) == "grouped"
+  assert resolve_depthwise_impl("native", platform, devices) == ("native" if platform == "cpu" else "shift")
 
 
 def test_a_model_for_a_tpu_is_traced_here_as_the_tpu_would_run_it():
   """Formulations are picked for the target platform, not for the CPU that traces the program: the
-  CPU's patch matmuls and C++ depthwise kernel never reach a TPU program."""
+  CPU's C++ depthwise kernel never reaches a TPU or GPU program, and only GPUs get convolutions for
+  the stem and the depthwise convs (CPUs and TPUs: patch matmuls and shift-and-accumulate)."""
   import jax
   import jax.numpy as jnp
   config = load_config(os.path.join(REPO, "configs", "shapes.py"))
@@ -78,8 +80,8 @@ def test_a_model_for_a_tpu_is_traced_here_as_the_tpu_would_run_it():
     return text.count("conv_general_dilated["), text.count("ffi_call"), model.depthwise_impl
 
   assert convs("cpu", 1) == (0, 22, "native")  # 22 depthwise convs, each a C++ kernel call
-  tpu_convs, tpu_ffi, tpu_impl = convs("tpu", 4)
-  assert tpu_convs >= 1 and tpu_ffi == 0 and tpu_impl == "shift"
+  assert convs("tpu", 4) == (0, 0, "shift")
+  assert convs("gpu", 8) == (23, 0, "grouped")  # and the stem
 
 
 def _fake_compiles(monkeypatch, usable_gib, base_gib, per_example_gib):

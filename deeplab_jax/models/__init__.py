@@ -53,10 +53,12 @@ def resolve_depthwise_impl(impl: str, platform: str | None = None, num_devices: 
   30.9 -> 17.5 GB moved per image; deeplab_jax.aot). GPUs: "grouped", whose cuDNN convolutions the
   GPU compiler counts at 6.5 GB per image against 11.8 for "shift" (H100, bfloat16; not yet timed).
   """
-  if impl != "auto":
-    return impl
   platform = platform or jax.default_backend()
   num_devices = num_devices or jax.device_count()
+  if impl == "native" and platform != "cpu":  # a CPU library: its math, as another program
+    return "shift"
+  if impl != "auto":
+    return impl
   if platform == "tpu":
     return "shift"
   if platform != "cpu":

@@ -35,11 +35,15 @@ class BatchNormConfig:
   epsilon: float
 
 
-# Widest (taps x input channels) patch matrix that `conv2d` builds on CPU instead of a convolution.
-# Measured on XLA:CPU (2-core Zen 3), forward + both gradients: 257x257x3 -> 32 stride 2, 5.9 -> 3.3 ms;
-# 129x129x32 -> 64, 58 -> 27 ms; 65x65x64 -> 64, 24 -> 18 ms; but 33x33x128 -> 128 (1152 wide),
-# 13.3 -> 14.5 ms, and wider patch matrices cost 9x the input's memory for no gain.
+# Widest (taps x input channels) patch matrix that `conv2d` builds on CPUs and TPUs instead of a
+# convolution. Measured on XLA:CPU (2-core Zen 3), forward + both gradients: 257x257x3 -> 32 stride 2,
+# 5.9 -> 3.3 ms; 129x129x32 -> 64, 58 -> 27 ms; 65x65x64 -> 64, 24 -> 18 ms; but 33x33x128 -> 128
+# (1152 wide), 13.3 -> 14.5 ms, and wider patch matrices cost 9x the input's memory for no gain. On a
+# TPU (the v5e compiler's prediction, Xception-65 513x513 train step, bfloat16) the stems as patch
+# matmuls cut the bytes counted per image 12% and the compiler's cycles 11% (benchmarks/README.md):
+# 3 or 32 channels fill a quarter or less of the TPU's 128-lane tiles, 27 or 288 taps x channels more.
 IM2COL_MAX_DEPTH = 576
+PATCH_MATMUL_PLATFORMS = ("cpu", "tpu")
 
 
 def conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1, groups: int = 1) -> Array:
@@ -47,12 +51,12 @@ def conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1, groups: int 
 
   A 1x1 conv is a strided slice and a matmul: the same math, but XLA:CPU computed the weight gradient
   of the conv form about 10x slower than that of the matmul form (decoder 1x1s, measured here).
-  On CPU, narrow kxk convs (the stems) are one matmul over their patches for the same reason.
+  On CPUs and TPUs narrow kxk convs (the stems) are one matmul over their patches (IM2COL_MAX_DEPTH).
   """
   kh, kw, cin, _ = kernel.shape
   rates = (rate, rate) if kh > 1 or kw > 1 else (1, 1)
   padding = (explicit_padding(kh, rates[0]), explicit_padding(kw, rates[1]))
-  narrow = kh * kw * cin <= IM2COL_MAX_DEPTH and target_platform() == "cpu"
+  narrow = kh * kw * cin <= IM2COL_MAX_DEPTH and target_platform() in PATCH_MATMUL_PLATFORMS
   if groups == 1 and (kh == kw == 1 or narrow):
     return _patch_matmul(x, kernel, stride, rates, padding)
   return lax.conv_general_dilated(
