@@ -218,7 +218,9 @@ def devices(target: Target) -> list:
     except (NotImplementedError, RuntimeError) as e:
       raise MissingCompilerError(
           f'JAX\'s CUDA plugin (the GPU compiler) is not available ({str(e).splitlines()[0][:120]}); '
-          f'pip install "jax[cuda12]==0.10.2" (Linux x86-64, about 5 GB with its CUDA libraries)') from None
+          f'pip install "jax[cuda12]==0.10.2" (Linux x86-64, about 5 GB with its CUDA libraries); '
+          f'without a GPU driver it loads only in a process started with JAX_PLATFORMS=cpu, as '
+          f'python -m deeplab_jax.aot is') from None
   if len(found) != target.devices:
     raise ConfigError(f"--topology={target.name}: the compiler made {len(found)} devices of "
                       f"{target.topology}, not {target.devices}; give the slice's shape, e.g. v5e:2x2")

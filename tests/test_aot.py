@@ -172,6 +172,11 @@ def test_without_libtpu_the_line_says_how_to_install_it(tmp_path):
     os.path.isdir(os.path.join(p, "jax_plugins", "xla_cuda12")) for p in sys.path),
     reason="JAX's CUDA plugin is not installed (pip install \"jax[cuda12]==0.10.2\")")
 def test_gpus_compile_without_a_gpu():
-  config = load_config(os.path.join(REPO, "configs", "shapes.py"))
-  out = aot.rehearse(config, "h100:8", search=False)
-  assert out["fits"] and out["chips"] == 8 and out["chip"] == "h100"
+  """The command line (which keeps JAX off an attached device: the CUDA plugin's version check needs
+  a GPU driver otherwise) on 8 described H100s."""
+  result = run_module(["deeplab_jax.aot", "--config=configs/shapes.py", "--topology=h100:8", "--nosearch"],
+                      timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = _last_json(result.stdout)
+  assert out["fits"] and out["chips"] == 8 and out["chip"] == "h100" and out["eval"]["fits"]
+  assert out["flops_per_image"] == out["model_flops_per_image"] > 0  # the model's: GPU programs have none
