@@ -1,6 +1,7 @@
 """The TPU table of benchmarks/README.md: every config rehearsed on the slices a user would pick for it.
 
-  python benchmarks/aot_table.py             # compile the rows not yet in aot_table.jsonl (hours)
+  python benchmarks/aot_table.py             # rows not yet in aot_table.jsonl: does it fit, how fast
+  python benchmarks/aot_table.py --search    # rows without a largest batch: find it (hours)
   python benchmarks/aot_table.py --markdown  # print the table from aot_table.jsonl
 
 Each row is `python -m deeplab_jax.aot` on one config, slice and variant (dtype, depthwise
@@ -57,26 +58,46 @@ def load() -> dict[str, dict]:
   return rows
 
 
-def run_missing() -> None:
-  sys.path.insert(0, os.path.dirname(HERE))
-  from deeplab_jax import aot
-  from deeplab_jax.errors import UserError
+def _config(name: str, dtype: str, depthwise: str, remat: bool):
   import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(HERE), "configs",
+                                                                   f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.model.dtype, config.model.depthwise_impl, config.model.remat = dtype, depthwise, remat
+  return config
+
+
+def run(search: bool) -> None:
+  """Rows without a result (search=False), or without a largest batch (search=True)."""
+  sys.path.insert(0, os.path.dirname(HERE))
+  from deeplab_jax import accelerators, aot
+  from deeplab_jax.errors import UserError
   done = load()
+
+  def report(c):
+    print(f"  compiled {c.step} at global batch {c.global_batch} in {c.compile_s:.0f} s: "
+          f"{'fits' if c.fits else 'does not fit'}", flush=True)
+
   for config_name, topology, variants in ROWS:
     for dtype, depthwise, remat in variants:
       k = key(config_name, topology, dtype, depthwise, remat)
-      if k in done:
+      row = done.get(k)
+      searched = row is not None and ("error" in row or row.get("max_global_batch") is not None)
+      if (row is not None) if not search else searched:
         continue
-      spec = importlib.util.spec_from_file_location(config_name, os.path.join(
-          os.path.dirname(HERE), "configs", f"{config_name}.py"))
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
-      config = module.get_config()
-      config.model.dtype, config.model.depthwise_impl, config.model.remat = dtype, depthwise, remat
+      print(k, flush=True)
+      known = None
+      if row is not None:
+        target = accelerators.parse(topology)
+        known = {"train": aot.from_summary(row, target, "train")}
+        if row.get("eval"):
+          known["eval"] = aot.from_summary(row["eval"], target, "eval")
       start = time.time()
       try:
-        result = aot.rehearse(config, topology, search=("train",))
+        result = aot.rehearse(_config(config_name, dtype, depthwise, remat), topology,
+                              search=("train",) if search else (), report=report, known=known)
       except UserError as e:  # e.g. a batch the slice's devices do not divide
         result = {"error": str(e)}
       row = {"key": k, "config": config_name, "slice": topology, "dtype": dtype,
@@ -118,8 +139,9 @@ def markdown() -> str:
         speed = "- | - | - | -"
       ev = row.get("eval") or {}
       eval_fits = f"{ev.get('global_batch')}: {'yes' if ev.get('fits') else 'no'}" if ev else "-"
+      largest = "not searched yet" if row["max_global_batch"] is None else row["max_global_batch"]
       lines.append(f"| {config_name} | {topology} | {dtype} | {dw} | {'on' if remat else 'off'} | {fits} "
-                   f"| {row['max_global_batch']} | {speed} | {at_best} | {eval_fits} |")
+                   f"| {largest} | {speed} | {at_best} | {eval_fits} |")
   return "\n".join(lines)
 
 
@@ -127,4 +149,4 @@ if __name__ == "__main__":
   if "--markdown" in sys.argv[1:]:
     print(markdown())
   else:
-    run_missing()
+    run(search="--search" in sys.argv[1:])

@@ -60,6 +60,22 @@ def _batch_field(config, step: str):
   return config.train if step == "train" else config.eval
 
 
+def from_summary(summary_: dict, target: accelerators.Target, step: str) -> Compiled:
+  """The Compiled that `summary` described (what a search needs of it), from a result's JSON."""
+  devices = target.devices
+  if not summary_["fits"]:
+    needed = summary_.get("peak_memory_per_chip_gib")
+    return Compiled(step, summary_["global_batch"], summary_["compile_s"], fits=False,
+                    needed_gib=None if needed is None else needed / target.chip.devices_per_chip)
+  images = summary_["global_batch"] / devices
+  return Compiled(step, summary_["global_batch"], summary_["compile_s"], fits=True,
+                  memory=summary_["memory_per_device_bytes"],
+                  flops=summary_["flops_per_image"] * images,
+                  bytes_accessed=summary_["bytes_per_image"] * images,
+                  xla_seconds=summary_.get("xla_predicted_step_s"),
+                  collectives=summary_["collectives"])
+
+
 def _with_batch(config, step: str, global_batch: int):
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -282,12 +298,13 @@ def _significant(value: float, digits: int = 4) -> float:
 
 
 def rehearse(config, topology: str, *, search=STEPS, steps=STEPS, batch_limit: int = 1024,
-             report=None) -> dict:
+             report=None, known: dict | None = None) -> dict:
   """Compile `config`'s steps for `topology`; the JSON-ready result (see the module docstring).
 
   steps: which of "train" and "eval" to compile. search: the steps whose largest batch that fits is
   also found (more compiles); a batch that does not fit is always searched, so that the answer names
   one that does; True and False mean all or none. batch_limit: the search's ceiling (global).
+  known: {step: Compiled} of an earlier rehearsal of the same config at its batch, not compiled again.
   """
   from deeplab_jax import config as config_lib, sharding
   from deeplab_jax.models import resolve_depthwise_impl
@@ -307,9 +324,11 @@ def rehearse(config, topology: str, *, search=STEPS, steps=STEPS, batch_limit: i
             "hbm_bandwidth_per_chip": target.chip.hbm_bandwidth}
   for step in steps:
     batch = int(_batch_field(config, step).batch_size)
-    first = compile_step(config, mesh, step, batch)
-    if report:
-      report(first)
+    first = (known or {}).get(step)
+    if first is None or first.global_batch != batch:
+      first = compile_step(config, mesh, step, batch)
+      if report:
+        report(first)
     best, at_best = None, None
     if step in search or not first.fits:
       limit = max(batch_limit // mesh.size, batch // mesh.size)

@@ -115,6 +115,20 @@ def test_the_largest_batch_is_found_in_few_compiles(monkeypatch, base, per_examp
   assert len(calls) <= 6, calls  # a line through two compiles lands next to the answer
 
 
+def test_a_result_line_gives_back_the_compile_it_describes():
+  """benchmarks/aot_table.py --search starts from an earlier rehearsal's JSON, not a recompile."""
+  target = accelerators.parse("v3-8")  # 2 devices per chip
+  memory = {"arguments": 10, "outputs": 5, "aliased": 5, "temporaries": 3 * 2**30, "code": 1,
+            "peak": 3 * 2**30 + 11}
+  compiled = aot.Compiled("train", 16, 12.0, fits=True, memory=memory, flops=4e12, bytes_accessed=2e11,
+                          collectives={"all-reduce": 3})
+  back = aot.from_summary(json.loads(json.dumps(aot.summary(compiled, target, None, 1e12))), target, "train")
+  assert (back.global_batch, back.fits, back.memory, back.collectives) == (16, True, memory, {"all-reduce": 3})
+  assert back.flops == pytest.approx(4e12) and back.bytes_accessed == pytest.approx(2e11)
+  misfit = aot.Compiled("train", 64, 30.0, fits=False, needed_gib=20.0)
+  assert aot.from_summary(aot.summary(misfit, target, None, 1e12), target, "train").needed_gib == 20.0
+
+
 def test_a_misfit_names_the_largest_batch_that_fits():
   result = {"name": "v5e:2x2", "global_batch": 32, "fits": False, "max_global_batch": 20,
             "peak_memory_per_chip_gib": 25.1, "usable_hbm_per_chip_gib": 15.75}
