@@ -3,6 +3,7 @@
   python benchmarks/aot_table.py             # rows not yet in aot_table.jsonl: does it fit, how fast
   python benchmarks/aot_table.py --search    # rows without a largest batch: find it (hours)
   python benchmarks/aot_table.py --markdown  # print the table from aot_table.jsonl
+  (--first=N: only the first N rows of the order below)
 
 Each row is `python -m deeplab_jax.aot` on one config, slice and variant (dtype, depthwise
 formulation, remat), with the largest train batch searched (the eval step is checked at the config's
@@ -69,8 +70,14 @@ def _config(name: str, dtype: str, depthwise: str, remat: bool):
   return config
 
 
-def run(search: bool) -> None:
-  """Rows without a result (search=False), or without a largest batch (search=True)."""
+def flat_rows() -> list[tuple[str, str, str, str, bool]]:
+  """(config, slice, dtype, depthwise, remat) in the order ROWS gives."""
+  return [(c, s, *v) for c, s, variants in ROWS for v in variants]
+
+
+def run(search: bool, first: int | None = None) -> None:
+  """Rows without a result (search=False), or without a largest batch (search=True); of the first
+  `first` rows only, if given."""
   sys.path.insert(0, os.path.dirname(HERE))
   from deeplab_jax import accelerators, aot
   from deeplab_jax.errors import UserError
@@ -80,32 +87,31 @@ def run(search: bool) -> None:
     print(f"  compiled {c.step} at global batch {c.global_batch} in {c.compile_s:.0f} s: "
           f"{'fits' if c.fits else 'does not fit'}", flush=True)
 
-  for config_name, topology, variants in ROWS:
-    for dtype, depthwise, remat in variants:
-      k = key(config_name, topology, dtype, depthwise, remat)
-      row = done.get(k)
-      searched = row is not None and ("error" in row or row.get("max_global_batch") is not None)
-      if (row is not None) if not search else searched:
-        continue
-      print(k, flush=True)
-      known = None
-      if row is not None:
-        target = accelerators.parse(topology)
-        known = {"train": aot.from_summary(row, target, "train")}
-        if row.get("eval"):
-          known["eval"] = aot.from_summary(row["eval"], target, "eval")
-      start = time.time()
-      try:
-        result = aot.rehearse(_config(config_name, dtype, depthwise, remat), topology,
-                              search=("train",) if search else (), report=report, known=known)
-      except UserError as e:  # e.g. a batch the slice's devices do not divide
-        result = {"error": str(e)}
-      row = {"key": k, "config": config_name, "slice": topology, "dtype": dtype,
-             "depthwise": depthwise, "remat": remat, "wall_s": round(time.time() - start), **result}
-      with open(RESULTS, "a") as f:
-        f.write(json.dumps(row) + "\n")
-      print(f"{k}: {row.get('predicted_images_per_s_per_chip')} img/s/chip, max batch "
-            f"{row.get('max_global_batch')} ({row['wall_s']} s)", flush=True)
+  for config_name, topology, dtype, depthwise, remat in flat_rows()[:first]:
+    k = key(config_name, topology, dtype, depthwise, remat)
+    row = done.get(k)
+    searched = row is not None and ("error" in row or row.get("max_global_batch") is not None)
+    if (row is not None) if not search else searched:
+      continue
+    print(k, flush=True)
+    known = None
+    if row is not None:
+      target = accelerators.parse(topology)
+      known = {"train": aot.from_summary(row, target, "train")}
+      if row.get("eval"):
+        known["eval"] = aot.from_summary(row["eval"], target, "eval")
+    start = time.time()
+    try:
+      result = aot.rehearse(_config(config_name, dtype, depthwise, remat), topology,
+                            search=("train",) if search else (), report=report, known=known)
+    except UserError as e:  # e.g. a batch the slice's devices do not divide
+      result = {"error": str(e)}
+    row = {"key": k, "config": config_name, "slice": topology, "dtype": dtype,
+           "depthwise": depthwise, "remat": remat, "wall_s": round(time.time() - start), **result}
+    with open(RESULTS, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    print(f"{k}: {row.get('predicted_images_per_s_per_chip')} img/s/chip, max batch "
+          f"{row.get('max_global_batch')} ({row['wall_s']} s)", flush=True)
 
 
 def _gib(value) -> str:
@@ -149,4 +155,5 @@ if __name__ == "__main__":
   if "--markdown" in sys.argv[1:]:
     print(markdown())
   else:
-    run(search="--search" in sys.argv[1:])
+    first = next((int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--first=")), None)
+    run(search="--search" in sys.argv[1:], first=first)

@@ -56,12 +56,14 @@ def array_bytes(dtype: str, dims: str, layout: str | None) -> int:
   return math.prod(shape) * _BYTES[dtype]
 
 
-def shape_bytes(shape: str, hbm_only: bool = False) -> int:
+def shape_bytes(shape: str, hbm_only: bool = False, dtype: str | None = None) -> int:
+  """Bytes of the arrays in `shape` (a tuple's too); only those in HBM, or of one dtype, if asked."""
   total = 0
   for m in _ARRAY.finditer(shape):
     if hbm_only and m[3] and re.search(r"S\(\d+\)", m[3]):
       continue
-    total += array_bytes(m[1], m[2], m[3])
+    if dtype is None or m[1] == dtype:
+      total += array_bytes(m[1], m[2], m[3])
   return total
 
 
@@ -75,6 +77,7 @@ class Instruction:
   cycles: int
   cost: int = 0
   hbm: int = 0
+  f32: int = 0  # the part of `cost` in float32 arrays
   part: str = ""
 
 
@@ -118,13 +121,15 @@ def instructions(hlo: str) -> list[Instruction]:
                          op_name[1] if op_name else "", int(cycles[1]) if cycles else 0)
       if opcode in _ASYNC_DONE:
         inst.cost, inst.hbm = 4 * shape_bytes(shape), shape_bytes(shape)
+        inst.f32 = 4 * shape_bytes(shape, dtype="f32")
       elif opcode == "custom-call" and "ConcatBitcast" in line:  # a view of its operands
         pass
       elif opcode in ("slice", "dynamic-slice"):  # reads only what it keeps
-        inst.cost = 2 * shape_bytes(shape)
+        inst.cost, inst.f32 = 2 * shape_bytes(shape), 2 * shape_bytes(shape, dtype="f32")
         inst.hbm = shape_bytes(shape, True) + (shape_bytes(shape) if shape_bytes(operands[0], True) else 0)
       else:
         inst.cost = shape_bytes(shape) + sum(shape_bytes(s) for s in operands)
+        inst.f32 = shape_bytes(shape, dtype="f32") + sum(shape_bytes(s, dtype="f32") for s in operands)
         inst.hbm = shape_bytes(shape, True) + sum(shape_bytes(s, True) for s in operands)
       out.append(inst)
   _attribute(out, graph)
@@ -174,14 +179,15 @@ def _attribute(insts: list[Instruction], graph: dict) -> None:
     i.part = part_of(i.op_name or walk(i.name, lambda n, ops: ops) or walk(i.name, lambda n, ops: users[n]))
 
 
-def by_part(insts: list[Instruction]) -> list[tuple[str, int, int, int]]:
-  """(part, cost bytes, HBM bytes, estimated cycles), largest cost first."""
-  cost, hbm, cycles = collections.Counter(), collections.Counter(), collections.Counter()
+def by_part(insts: list[Instruction]) -> list[tuple[str, int, int, int, int]]:
+  """(part, cost bytes, HBM bytes, estimated cycles, float32 cost bytes), largest cost first."""
+  cost, hbm, cycles, f32 = (collections.Counter() for _ in range(4))
   for i in insts:
     cost[i.part] += i.cost
     hbm[i.part] += i.hbm
     cycles[i.part] += i.cycles
-  return [(p, cost[p], hbm[p], cycles[p]) for p, _ in cost.most_common()]
+    f32[i.part] += i.f32
+  return [(p, cost[p], hbm[p], cycles[p], f32[p]) for p, _ in cost.most_common()]
 
 
 def main(argv):
@@ -213,22 +219,24 @@ def main(argv):
   hbm = sum(i.hbm for i in insts)
   cycles = sum(i.cycles for i in insts)
   copies = sum(i.cost for i in insts if i.opcode in _ASYNC_DONE)
+  f32 = sum(i.f32 for i in insts)
   print(f"{FLAGS.step} step, {images:g} images per device: cost analysis {compiled.bytes_accessed / 1e9:.1f} GB "
         f"(this model: {cost / 1e9:.1f} GB, {100 * copies / max(cost, 1):.0f}% of it asynchronous copies "
-        f"counted 4x), HBM estimate {hbm / 1e9:.1f} GB; {compiled.flops / 1e9:.0f} GFLOP; the compiler's "
-        f"estimated cycles {cycles / 1e6:.1f} M")
-  print(f"{'part':48s} {'cost GB/img':>11s} {'HBM GB/img':>10s} {'Mcycles':>8s}")
+        f"counted 4x, {100 * f32 / max(cost, 1):.0f}% in float32 arrays), HBM estimate {hbm / 1e9:.1f} GB; "
+        f"{compiled.flops / 1e9:.0f} GFLOP; the compiler's estimated cycles {cycles / 1e6:.1f} M")
+  print(f"{'part':48s} {'cost GB/img':>11s} {'float32':>7s} {'HBM GB/img':>10s} {'Mcycles':>8s}")
   rows = by_part(insts)
-  for part, c, h, cy in rows[:FLAGS.top]:
-    print(f"{part:48s} {per_image(c):11.2f} {per_image(h):10.2f} {cy / 1e6:8.1f}")
+  for part, c, h, cy, f in rows[:FLAGS.top]:
+    print(f"{part:48s} {per_image(c):11.2f} {100 * f / max(c, 1):6.0f}% {per_image(h):10.2f} {cy / 1e6:8.1f}")
   print(json.dumps({
       "step": FLAGS.step, "images_per_device": images, "flops": compiled.flops,
       "cost_analysis_bytes": compiled.bytes_accessed, "model_cost_bytes": cost, "async_copy_cost_bytes": copies,
-      "hbm_estimate_bytes": hbm, "estimated_cycles": cycles,
+      "hbm_estimate_bytes": hbm, "estimated_cycles": cycles, "float32_cost_bytes": f32,
       "flop_per_byte": compiled.flops / compiled.bytes_accessed,
       "flop_per_hbm_byte": compiled.flops / hbm if hbm else None,
       "parts": {p: {"cost_gb_per_image": round(per_image(c), 3), "hbm_gb_per_image": round(per_image(h), 3),
-                    "mcycles": round(cy / 1e6, 2)} for p, c, h, cy in rows}}))
+                    "mcycles": round(cy / 1e6, 2), "float32_cost_gb_per_image": round(per_image(f), 3)}
+                for p, c, h, cy, f in rows}}))
 
 
 if __name__ == "__main__":

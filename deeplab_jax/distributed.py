@@ -5,6 +5,8 @@ one host: explicit flags (`--coordinator_address --num_processes --process_id`, 
 SLURM), SLURM's environment (`srun`, one task per node or per GPU), or a Cloud TPU VM (JAX reads the
 slice's workers from the VM's metadata). Every log line then says which process speaks.
 
+`first_run_together` makes several CPU processes start a program's first run together (gloo's limit).
+
 `Preemption` tells the training loop when to save and stop: a spot/preemptible VM gets SIGTERM (30 s
 before it goes), and every process must checkpoint the same step. Over several processes JAX's
 preemption service propagates the notice and names one step all processes reach
@@ -92,6 +94,37 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None) ->
     logging.info("started %d processes (%s); %d devices in all, %d here", jax.process_count(), kind,
                  jax.device_count(), jax.local_device_count())
   return kind
+
+
+# Coordination-service barriers: how long every process waits for the slowest to compile its program.
+_TOGETHER_TIMEOUT_MS = 30 * 60 * 1000
+_barriers = 0
+
+
+def first_run_together(fn, what: str):
+  """`fn` (jitted), whose first call over several CPU processes compiles it, waits until every process
+  has, then runs: the first collective of a program opens a gloo context, and gloo gives the other
+  processes 30 s to join it (fixed in jaxlib 0.10.2), so one process that compiles or reads its first
+  batch 30 s later than another under load ended the run ("Gloo context initialization failed:
+  DEADLINE_EXCEEDED", seen in tests/test_distributed.py on 2 cores). The coordination service's
+  barrier waits much longer. One process, and TPUs and GPUs (their own collectives): `fn` as it is."""
+  if jax.process_count() == 1 or jax.default_backend() != "cpu":
+    return fn
+  compiled = None
+
+  def call(*args):
+    nonlocal compiled
+    if compiled is None:
+      global _barriers
+      compiled = fn.lower(*args).compile()
+      _barriers += 1  # every process compiles the same programs in the same order
+      from jax._src import distributed as jax_distributed  # the runtime's client (no public handle)
+      jax_distributed.global_state.client.wait_at_barrier(
+          f"deeplab_jax_compiled_{_barriers}", _TOGETHER_TIMEOUT_MS)
+      logging.info("%s compiled on every process", what)
+    return compiled(*args)
+
+  return call
 
 
 class Preemption:

@@ -167,7 +167,8 @@ class Evaluator:
     self.num_classes = int(config.dataset.num_classes)
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.num_batches = input_pipeline.eval_num_batches(builder, config)
-    self.step_fn = jit_eval_step(config, mesh, state_shardings)
+    self.step_fn = distributed.first_run_together(jit_eval_step(config, mesh, state_shardings),
+                                                  "the eval step")
     crop = tuple(int(v) for v in config.eval.crop_size)
     pixels = int(config.eval.batch_size) * crop[0] * crop[1]
     self.flush_every = max(1, (2**31 - 1) // pixels)
@@ -305,7 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     if start_step < total_steps:
       batch_sh = sharding.batch_sharding(mesh)
-      step_fn = jit_train_step(config, model, tx, mesh, state_sh, dropout_rng)
+      step_fn = distributed.first_run_together(
+          jit_train_step(config, model, tx, mesh, state_sh, dropout_rng), "the train step")
       batches = input_pipeline.as_numpy(input_pipeline.train_dataset(builder, config, start_step),
                                         builder, config.dataset.train_split)
       report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
