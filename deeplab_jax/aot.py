@@ -213,8 +213,10 @@ def max_global_batch(config, mesh, step: str, known: list[Compiled], limit: int,
                      report=None) -> tuple[int, Compiled | None]:
   """The largest global batch (a multiple of the device count) whose `step` compiles within the
   chip's HBM, found by compiling, and its compile; `known` holds compiles already done (reused).
-  Memory grows about linearly with the batch, so the search starts where a line through two
-  compiles reaches the usable HBM, then bisects. (0, None) if not one example per device fits."""
+  Memory grows about linearly with the batch, so the search probes where a line through the two
+  largest compiles reaches the usable HBM; where that line undershoots (at large batches the
+  compiler fits more than its memory figures suggest: a creep of one example per device per compile
+  otherwise), it doubles, then bisects. (0, None) if not one example per device fits."""
   n = mesh.size
   fits = {c.global_batch // n: c for c in known}
 
@@ -238,7 +240,7 @@ def max_global_batch(config, mesh, step: str, known: list[Compiled], limit: int,
       hi = min(hi, b)
   if lo == 0 and not probe(1):
     return 0, None
-  lo = max(lo, 1)
+  lo, checked_next = max(lo, 1), False
   while hi - lo > 1:
     points = sorted((b, peak(c)) for b, c in fits.items() if peak(c) is not None)
     guess = None
@@ -247,10 +249,16 @@ def max_global_batch(config, mesh, step: str, known: list[Compiled], limit: int,
       slope = (m1 - m0) / (b1 - b0) if b1 != b0 else 0
       if slope > 0:
         guess = int(b1 + (usable_gib - m1) / slope)
-    elif hi > limit:  # one point, no upper bound yet: double
-      guess = 2 * lo
-    # The line says `guess` fits and `guess + 1` does not: probe next to it, inside (lo, hi).
-    mid = (lo + hi) // 2 if guess is None else min(max(guess, lo + 1), hi - 1)
+    if guess is not None and lo < guess < hi:
+      mid = guess
+    elif guess is not None and guess >= hi:
+      mid = hi - 1
+    elif guess == lo and not checked_next:  # the line says lo is the answer: check lo + 1, once
+      mid, checked_next = lo + 1, True
+    elif hi > limit:  # no misfit yet, and no line or one that undershoots what fits: double
+      mid = min(2 * lo, hi - 1)
+    else:  # the line undershoots (the compiler fits more than its memory figures suggest): bisect
+      mid = (lo + hi) // 2
     if probe(mid):
       lo = mid
     else:

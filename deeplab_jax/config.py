@@ -43,8 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.freeze_bn = False  # True: BN uses moving statistics (small global batches)
   config.model.depthwise_impl = "auto"  # "grouped" (reference), "shift", "native"; "auto": per backend
   # Recompute each backbone unit's activations in the backward pass instead of storing them, for
-  # large crops on accelerators (unmeasured there). On XLA:CPU it saved no memory and cost 26% of
-  # the step (benchmarks/README.md), so it is off.
+  # batches or crops that do not fit otherwise. Predicted for a v5e (X-65 513x513, bfloat16, 4 per
+  # chip): temporaries 3.95 -> 1.40 GiB per chip for 29% more FLOPs and 22% more of the compiler's
+  # cycles; on XLA:CPU it saved no memory and cost 26% of the step (benchmarks/README.md). Off.
   config.model.remat = False
   # BatchNorm moving-average decay for every layer; None keeps each network's own (0.9997 Xception,
   # MobileNetV2 and heads; 0.95 ResNet), which suits long fine-tuning runs.

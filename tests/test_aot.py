@@ -84,15 +84,16 @@ def test_a_model_for_a_tpu_is_traced_here_as_the_tpu_would_run_it():
   assert convs("gpu", 8) == (23, 0, "grouped")  # and the stem
 
 
-def _fake_compiles(monkeypatch, usable_gib, base_gib, per_example_gib):
-  """compile_step replaced by a line: memory = base + per_example * examples per device."""
+def _fake_compiles(monkeypatch, usable_gib, base_gib, per_example_gib, fitted_share=1.0):
+  """compile_step replaced by a line: memory = base + per_example * examples per device; the
+  compiler fits what needs `fitted_share` of that (below 1: more than its figures suggest)."""
   calls = []
 
   def fake(config, mesh, step, global_batch):
     calls.append(global_batch)
     per_device = global_batch // mesh.size
     need = base_gib + per_example_gib * per_device
-    if need > usable_gib:
+    if need * fitted_share > usable_gib:
       return aot.Compiled(step, global_batch, 1.0, fits=False, needed_gib=need)
     return aot.Compiled(step, global_batch, 1.0, fits=True,
                         memory={"peak": int(need * accelerators.GIB)})
@@ -113,6 +114,19 @@ def test_the_largest_batch_is_found_in_few_compiles(monkeypatch, base, per_examp
   assert best == expected
   assert (at_best is None) if expected == 0 else (at_best.global_batch == best and at_best.fits)
   assert len(calls) <= 6, calls  # a line through two compiles lands next to the answer
+
+
+@pytest.mark.parametrize("fitted_share, per_device, most_compiles", [(0.7, 26, 10), (0.5, 38, 11)])
+def test_the_search_does_not_creep_where_the_compiler_fits_more_than_its_figures_say(
+    monkeypatch, fitted_share, per_device, most_compiles):
+  """Seen on v5e: the Xception-65 step compiled at 18 images per chip with memory figures above the
+  usable HBM, so the line said each fitting batch was the largest and the search went up by one
+  example per device per compile (12 and 24 compiles here); it doubles and bisects instead."""
+  calls = _fake_compiles(monkeypatch, 15.75, 1.0, 0.8, fitted_share)
+  first = aot.compile_step(None, _Mesh, "train", 16)
+  best, _ = aot.max_global_batch(None, _Mesh, "train", [first], limit=256, usable_gib=15.75)
+  assert best == per_device * 4
+  assert len(calls) <= most_compiles, calls
 
 
 def test_a_result_line_gives_back_the_compile_it_describes():
