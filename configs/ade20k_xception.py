@@ -2,7 +2,10 @@
 
   python -m deeplab_jax.main --config=configs/ade20k_xception.py --workdir=gs://BUCKET/ade20k_xception
 
-Meant for a TPU v3-8 / v4-8 or 8 GPUs (global batch 16 at 513x513). Label 0 ("other") is ignored.
+Meant for accelerators: global batch 16 at 513x513. Rehearsed on a CPU for a TPU v5e-4 (`python -m
+deeplab_jax.aot --config=configs/ade20k_xception.py --topology=v5litepod-4 --config.model.dtype=bfloat16`;
+other slices in benchmarks/README.md, TPU table): it fits with 6.0 of 15.75 GiB per chip in bfloat16,
+and the roofline bounds it at 52 images/s per chip. Label 0 ("other") is ignored.
 Paper: 45.65% val with multi-scale evaluation. Prepare the data first:
 `python -m deeplab_jax.datasets.prepare ade20k --manual_dir=DIR --data_dir=DATA` (README, Data).
 """

@@ -2,10 +2,14 @@
 
   python -m deeplab_jax.main --config=configs/cityscapes_xception.py --workdir=gs://BUCKET/cs_xception
 
-Meant for a TPU v3-8 / v4-8 or 8 GPUs with 32 GB (global batch 16 at 769x769; lower the batch and set
-`--config.model.freeze_bn=True` on smaller machines, as the official code does). Evaluates whole
-1024x2048 val images padded to 1025x2049. Paper: 78.79% val (X-65). Prepare the data first:
-`python -m deeplab_jax.datasets.prepare cityscapes --manual_dir=DIR --data_dir=DATA` (README, Data).
+Meant for accelerators: global batch 16 at 769x769. Rehearsed on a CPU for a TPU v5e-4 (`python -m
+deeplab_jax.aot --config=configs/cityscapes_xception.py --topology=v5litepod-4
+--config.model.dtype=bfloat16`; other slices in benchmarks/README.md, TPU table): it fits with 8.1 of
+15.75 GiB per chip in bfloat16, and the roofline bounds it at 30 images/s per chip. Where the batch
+does not fit, lower it and set `--config.model.freeze_bn=True`, as the official code does. Evaluates
+whole 1024x2048 val images padded to 1025x2049 (the eval step at batch 8 fits the v5e-4 too).
+Paper: 78.79% val (X-65). Prepare the data first: `python -m deeplab_jax.datasets.prepare cityscapes
+--manual_dir=DIR --data_dir=DATA` (README, Data).
 """
 from deeplab_jax import config as config_lib
 
