@@ -6,11 +6,11 @@
   (--first=N: only the first N rows of the order below)
 
 Each row is `python -m deeplab_jax.aot` on one config, slice and variant (dtype, depthwise
-formulation, remat), with the largest train batch searched (the eval step is checked at the config's
-eval batch); results are appended to
-benchmarks/aot_table.jsonl as they come, so an interrupted run goes on where it stopped. On a 2-core
-CPU an Xception-65 513x513 train step compiles in 4-9 minutes and a row takes 3-5 compiles.
-tests/test_benchmarks.py checks that the README's table is this file's.
+formulation, remat): the train and eval steps at the config's batches, then (--search) the largest
+train batch that fits, 5-8 compiles more. Results are appended to benchmarks/aot_table.jsonl as they
+come, so an interrupted run goes on where it stopped. On a 2-core CPU an Xception-65 513x513 row
+takes 5-8 minutes and its search 30-60. tests/test_benchmarks.py checks that the README's table is
+this file's.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ VARIANTS = [(dtype, dw, remat) for dtype in ("bfloat16", "float32") for dw in ("
 BF16, F32 = ("bfloat16", "auto", False), ("float32", "auto", False)
 # (config, slice, [(dtype, depthwise, remat)]) in the order they are compiled, most asked first: the
 # paper's recipe on 4 v5e chips (its batch 16 is 4 per chip) with the TPU defaults in both dtypes,
-# every other config there, the reference depthwise formulation (its compile takes 3-4 times as
-# long), the paper's recipe on every other slice, remat, the other configs on v4-8, then the rest.
+# every other config there, the reference depthwise formulation, the paper's recipe on every other
+# slice, remat, the other configs on v4-8, then the rest.
 FIRST = [("bfloat16", "shift", False), ("float32", "shift", False), ("bfloat16", "grouped", False)]
 # shift is the TPU's "auto"
 ROWS = ([("voc_xception", "v5litepod-4", FIRST[:2])] +
