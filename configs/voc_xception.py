@@ -6,11 +6,11 @@ Meant for accelerators: the paper's global batch 16 at a 513 crop. Rehearsed on 
 (`python -m deeplab_jax.aot --config=configs/voc_xception.py --topology=v5litepod-4`; other slices
 and the largest batches in benchmarks/README.md, TPU table): it fits with 7.1 of 15.75 GiB per chip
 in float32, 4.1 with `--config.model.dtype=bfloat16` (which fits up to global batch 100), and the
-roofline bounds it at 34 (float32) and 55 (bfloat16) images/s per chip. 30,000 steps on train_aug,
-SGD momentum 0.9, poly lr 0.007, weight decay 4e-5, evaluation on val at OS16;
-`--config.eval.output_stride=8` evaluates the same weights at OS8. Prepare the data first
-(`python -m deeplab_jax.datasets.prepare voc2012_segmentation --manual_dir=DIR --data_dir=DATA`,
-README, Data). The paper's 79.8% starts from ImageNet weights:
+roofline bounds it at 34 (float32) and 55 (bfloat16) images/s per chip (bfloat16 on a v4-8: 80, on a
+v5p-8: 202). 30,000 steps on train_aug, SGD momentum 0.9, poly lr 0.007, weight decay 4e-5,
+evaluation on val at OS16; `--config.eval.output_stride=8` evaluates the same weights at OS8.
+Prepare the data first (`python -m deeplab_jax.datasets.prepare voc2012_segmentation
+--manual_dir=DIR --data_dir=DATA`, README, Data). The paper's 79.8% starts from ImageNet weights:
 convert the official checkpoint (xception_65_imagenet_2018_05_09.tar.gz, extracted; or timm's
 xception65, README, Pretrained weights) and pass the folder:
 
