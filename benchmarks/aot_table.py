@@ -93,9 +93,8 @@ def run(search: bool, first: int | None = None) -> None:
   for config_name, topology, dtype, depthwise, remat in flat_rows()[:first]:
     k = key(config_name, topology, dtype, depthwise, remat)
     row = done.get(k)
-    searched = row is not None and ("error" in row or row.get("max_global_batch") is not None)
-    if (row is not None) if not search else searched:
-      continue
+    if row is not None and (not search or "error" in row or row.get("max_global_batch") is not None):
+      continue  # compiled, and searched where asked (a row that ended in an error has no batch)
     print(k, flush=True)
     known = None
     if row is not None:

@@ -67,6 +67,17 @@ def shape_bytes(shape: str, hbm_only: bool = False, dtype: str | None = None) ->
   return total
 
 
+def _counted(opcode: str, line: str, shape: str, operands: list, dtype: str | None = None) -> int:
+  """What the cost analysis counts for one instruction (of one dtype's arrays, if given)."""
+  if opcode in _ASYNC_DONE:  # its start and its done each read and write the tensor
+    return 4 * shape_bytes(shape, dtype=dtype)
+  if opcode == "custom-call" and "ConcatBitcast" in line:  # a view of its operands
+    return 0
+  if opcode in ("slice", "dynamic-slice"):  # reads only what it keeps
+    return 2 * shape_bytes(shape, dtype=dtype)
+  return shape_bytes(shape, dtype=dtype) + sum(shape_bytes(s, dtype=dtype) for s in operands)
+
+
 @dataclasses.dataclass
 class Instruction:
   name: str
@@ -119,17 +130,14 @@ def instructions(hlo: str) -> list[Instruction]:
       cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
       inst = Instruction(n, shape, opcode, re.findall(r"%([\w.\-]+)", args),
                          op_name[1] if op_name else "", int(cycles[1]) if cycles else 0)
+      inst.cost, inst.f32 = (_counted(opcode, line, shape, operands, dtype) for dtype in (None, "f32"))
       if opcode in _ASYNC_DONE:
-        inst.cost, inst.hbm = 4 * shape_bytes(shape), shape_bytes(shape)
-        inst.f32 = 4 * shape_bytes(shape, dtype="f32")
+        inst.hbm = shape_bytes(shape)
       elif opcode == "custom-call" and "ConcatBitcast" in line:  # a view of its operands
         pass
       elif opcode in ("slice", "dynamic-slice"):  # reads only what it keeps
-        inst.cost, inst.f32 = 2 * shape_bytes(shape), 2 * shape_bytes(shape, dtype="f32")
         inst.hbm = shape_bytes(shape, True) + (shape_bytes(shape) if shape_bytes(operands[0], True) else 0)
       else:
-        inst.cost = shape_bytes(shape) + sum(shape_bytes(s) for s in operands)
-        inst.f32 = shape_bytes(shape, dtype="f32") + sum(shape_bytes(s, dtype="f32") for s in operands)
         inst.hbm = shape_bytes(shape, True) + sum(shape_bytes(s, True) for s in operands)
       out.append(inst)
   _attribute(out, graph)

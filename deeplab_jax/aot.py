@@ -249,10 +249,8 @@ def max_global_batch(config, mesh, step: str, known: list[Compiled], limit: int,
       slope = (m1 - m0) / (b1 - b0) if b1 != b0 else 0
       if slope > 0:
         guess = int(b1 + (usable_gib - m1) / slope)
-    if guess is not None and lo < guess < hi:
-      mid = guess
-    elif guess is not None and guess >= hi:
-      mid = hi - 1
+    if guess is not None and guess > lo:  # the line's answer, inside (lo, hi)
+      mid = min(guess, hi - 1)
     elif guess == lo and not checked_next:  # the line says lo is the answer: check lo + 1, once
       mid, checked_next = lo + 1, True
     elif hi > limit:  # no misfit yet, and no line or one that undershoots what fits: double
