@@ -163,16 +163,15 @@ class Predictor:
     if config is None:
       config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     manager = checkpoints.create_manager(workdir, keep=None, async_save=False, create=False)
-    steps = manager.all_steps()
+    steps = checkpoints.steps(manager)
     if not steps:
       raise CheckpointError(f"{workdir / 'checkpoints'} holds no checkpoint; train first or give "
                             f"another --workdir")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
+    if step is not None and step not in steps:
       raise CheckpointError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
-    predictor = cls(config, _restore_variables(manager, step, config), **options)
-    predictor.step = int(step)
+    variables, step = _restore_variables(manager, step, config)
+    predictor = cls(config, variables, **options)
+    predictor.step = step
     return predictor
 
   @classmethod
@@ -182,8 +181,9 @@ class Predictor:
     if not path.name.isdigit() or not path.exists():
       raise CheckpointError(f"{path} is not a checkpoint directory; give <workdir>/checkpoints/<step>")
     manager = checkpoints.create_manager(path.parent.parent, keep=None, async_save=False, create=False)
-    predictor = cls(config, _restore_variables(manager, int(path.name), config), **options)
-    predictor.step = int(path.name)
+    variables, step = _restore_variables(manager, int(path.name), config)
+    predictor = cls(config, variables, **options)
+    predictor.step = step
     return predictor
 
   # Prediction.
@@ -257,14 +257,20 @@ def _is_batch(images) -> bool:
   return isinstance(images, np.ndarray) and images.ndim == 4
 
 
-def _restore_variables(manager, step: int, config) -> dict:
-  """Params and BN statistics of the TrainState at `step`, on one local device, whatever mesh wrote it."""
+def _restore_variables(manager, step: int | None, config) -> tuple[dict, int]:
+  """(params and BN statistics, step) of the TrainState at `step` (None: the newest intact one), on
+  one local device, whatever mesh wrote it. A damaged checkpoint is never moved here: readers leave
+  the workdir as it is."""
   from deeplab_jax import train  # the state's structure; imported here to keep `infer` light to load
   abstract = train.abstract_state(config)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-  state = checkpoints.restore(manager, step, target)
-  return {"params": state.params, "batch_stats": state.batch_stats}
+  if step is None:
+    restored = checkpoints.restore_newest(manager, target)
+    state, step = restored.state, restored.step
+  else:
+    state = checkpoints.restore(manager, step, target)
+  return {"params": state.params, "batch_stats": state.batch_stats}, int(step)
 
 
 # --- colors ----------------------------------------------------------------------------------------

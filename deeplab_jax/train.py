@@ -269,17 +269,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
   manager = checkpoints.create_manager(workdir, keep=int(config.checkpoint.keep),
                                        async_save=bool(config.checkpoint.async_save))
-  latest = manager.latest_step()
-  if latest is None and wants_weights and pretrained is None:
+  # The newest checkpoint that reads back intact; damaged newer ones are named and moved aside.
+  restored = checkpoints.restore_newest(manager, sharding.with_shardings(abstract_state, state_sh),
+                                        move_aside=True)
+  if restored is None and wants_weights and pretrained is None:
     pretrained = prepare()
-  if latest is None:
+  if restored is None:
     state = init(init_rng)
     logging.info("initialized a new %s DeepLab", config.model.backbone)
     if pretrained is not None:
       state = init_from.apply(state, pretrained[0])
   else:
-    state = checkpoints.restore(manager, latest, sharding.with_shardings(abstract_state, state_sh))
-    logging.info("resumed from %s", manager.directory / str(latest))
+    state = restored.state
+    logging.info("resumed from %s", manager.directory / str(restored.step))
   start_step, total_steps = int(jax.device_get(state.step)), int(config.train.steps)
   if is_chief:
     _write_config(workdir, config)
@@ -344,6 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
       preemption.close()
       manager.wait_until_finished()  # raises if a save failed: the summaries are written anyway
+      checkpoints.record_sizes(manager)
     finally:
       writer.flush()
   if is_chief:

@@ -295,7 +295,7 @@ def step_facts(tiny_data_dir, tmp_path_factory):
 # instead of one of them starting last and running alone at the end.
 LONGEST_FIRST = (
     "test_distributed.py::test_two_processes_preempted_and_resumed",
-    "test_reliability.py::test_kill_9_at_ten_random_moments",
+    "test_reliability.py::test_kill_9_at_six_random_moments",
     "test_weights.py::test_convert_command_then_a_six_class_run",
     "test_infer.py::test_a_checkpoint_saved_on_8_devices_restores_on_1",
     "test_weights.py::test_voc_xception_fine_tunes_end_to_end",

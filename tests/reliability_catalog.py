@@ -14,6 +14,7 @@ from deeplab_jax.errors import CheckpointError, ConfigError, DataError, WeightsE
 from deeplab_jax.runtime import OS_ERROR_EXIT
 
 FLAG_EXIT = 2  # absl and config-override errors
+DAMAGED = "test_checkpoints.py::test_a_damaged_newest_checkpoint_is_named_once_and_the_one_before_is_read"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +40,41 @@ _TRAIN = ("deeplab_jax.main", "--config=configs/shapes.py")
 _TINY = ("--config.dataset.data_dir={data}", "--config.dataset.name=synthetic_shapes/tiny")
 
 FAULTS = (
-    Fault("`kill -9` at 10 random moments of a run, half of them during an asynchronous checkpoint "
+    Fault("`kill -9` at 6 random moments of a run, half of them during an asynchronous checkpoint "
           "write", "the same command resumes from the newest complete checkpoint (a half-written one "
           "is never read); the end equals an uninterrupted run's parameters",
-          "test_reliability.py::test_kill_9_at_ten_random_moments_resumes_exactly_from_the_last_"
+          "test_reliability.py::test_kill_9_at_six_random_moments_resumes_exactly_from_the_last_"
           "complete_checkpoint"),
+    Fault("The newest checkpoint's largest file cut to half its size (an interrupted `gsutil cp` or "
+          "rsync of the workdir)", "one warning `the checkpoint at step N is damaged (FILE (B bytes; S "
+          "when saved): its size differs from the one recorded after the save); trying step M`; training resumes from M (moving N aside as "
+          "`N.damaged`, never deleting it) and ends where the uninterrupted run did; infer, evaluate "
+          "and export read M and change nothing",
+          "test_checkpoints.py::test_training_resumes_from_the_step_before_a_damaged_newest_and_ends_"
+          "where_the_run_did"),
+    Fault("The same file cut to zero bytes, or deleted", "the same warning naming the file (`0 bytes; S "
+          "when saved` or `missing; S bytes when saved`), and step M restores", DAMAGED),
+    Fault("One flipped bit inside the newest checkpoint, file sizes unchanged (silent corruption)",
+          "it reads without error, but the array's fingerprint, saved with it, differs: the same "
+          "warning naming the array (`... (array opt_state/...): its values differ from those saved "
+          "(fingerprint mismatch: silent corruption)`), and step M restores", DAMAGED),
+    Fault("A value changed while every file reads fine (rewritten with valid files)",
+          "the fingerprint names the array, `params/logits/semantic/kernel`, and step M restores",
+          "test_checkpoints.py::test_a_value_changed_while_every_file_reads_fine_is_caught_by_its_"
+          "fingerprint"),
+    Fault("Broken metadata (`_METADATA` overwritten), or a step folder without its commit marker "
+          "(`commit_success.txt`)", "the same warning naming the file, or `it has no commit marker "
+          "(commit_success.txt): its save or copy did not finish`, and step M restores", DAMAGED),
+    Fault("Every checkpoint damaged", "`every checkpoint in WORKDIR/checkpoints is damaged (step 30: "
+          "...; step 25: ...); restore the workdir from a copy, or train in a fresh --workdir (nothing "
+          "was changed)`, exit 4; no training from scratch, nothing moved or written",
+          "test_checkpoints.py::test_every_checkpoint_damaged_or_a_damaged_step_asked_for_is_one_"
+          "line_and_changes_nothing"),
+    Fault("A damaged step asked for by name (`--step=N` of evaluate, export, infer)",
+          "`the checkpoint at step N is damaged: FILE ...; choose another step (M) or leave the step "
+          "out to take the newest intact one`, exit 4, no fallback",
+          "test_checkpoints.py::test_every_checkpoint_damaged_or_a_damaged_step_asked_for_is_one_"
+          "line_and_changes_nothing"),
     Fault("SIGTERM (a spot VM's preemption notice), one or several processes",
           "`preempted (SIGTERM) at step N: saved a checkpoint there; run the same command to resume "
           "from it`, exit 143; the resumed run equals an uninterrupted one",

@@ -73,14 +73,16 @@ def _writes_since(checkpoints, since: float) -> list[str]:
   return found
 
 
-def test_kill_9_at_ten_random_moments_resumes_exactly_from_the_last_complete_checkpoint(
+def test_kill_9_at_six_random_moments_resumes_exactly_from_the_last_complete_checkpoint(
     trained_run, tiny_data_dir, tmp_path, compile_cache_env):
   """Every other kill lands during an asynchronous checkpoint write: the run's second one, so its
   first has finalized and the run got somewhere. The others land at a random moment of up to 3 s
   after training starts (loading the compiled step, training, evaluating, writing). Each restart must
   resume from the newest finalized checkpoint (never a half-written one), and the end must equal the
   uninterrupted run's parameters (the session's trained run: the same flags but for how often it
-  saves, which changes no value)."""
+  saves, which changes no value). Six kills (ten until the suite outgrew 10 minutes): each restart
+  costs about 20 s (starting Python, JAX and TensorFlow, restoring, loading the compiled step), and
+  three kills of each kind still cover both."""
   env = dict(os.environ, **compile_cache_env)
   reference, _ = trained_run
   flags = [f"--config.train.steps={TRAINED_STEPS}", "--config.eval.every_steps=10",
@@ -89,7 +91,7 @@ def test_kill_9_at_ten_random_moments_resumes_exactly_from_the_last_complete_che
   checkpoints = workdir / "checkpoints"
   rng = random.Random(17)
   kills, in_write, resumed_from = 0, 0, []
-  while kills < 10:
+  while kills < 6:
     before, _ = _steps(checkpoints)
     started = time.time() - 1.0  # file times are coarser than time.time()
     run = _Run(_args(workdir, tiny_data_dir, *flags), env)
@@ -114,9 +116,9 @@ def test_kill_9_at_ten_random_moments_resumes_exactly_from_the_last_complete_che
   assert finished.returncode == 0, finished.stderr[-3000:]
   print(f"kill -9: {kills} kills, {in_write} during an asynchronous checkpoint write; restarts resumed "
         f"from steps {resumed_from}")
-  assert in_write >= 5, in_write
+  assert in_write >= 3, in_write
   # The kills interrupted a run that progressed: restarts came from ever later checkpoints.
-  assert resumed_from == sorted(resumed_from) and len(set(resumed_from)) >= 5, resumed_from
+  assert resumed_from == sorted(resumed_from) and len(set(resumed_from)) >= 3, resumed_from
   expected = saved_state(reference, TRAINED_STEPS)
   got = saved_state(workdir, TRAINED_STEPS)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected, got)

@@ -19,7 +19,6 @@ from absl import logging
 from etils import epath
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from deeplab_jax.errors import WeightsError
 from deeplab_jax.weights import convert, mapping, timm
@@ -55,20 +54,12 @@ def load_source(init, model_config) -> tuple[dict, dict]:
 def _load_workdir(path) -> tuple[dict, dict]:
   from deeplab_jax import checkpoints
   manager = checkpoints.create_manager(path, keep=None, async_save=False, create=False)
-  step = manager.latest_step()
-  if step is None:
+  restored = checkpoints.newest_variables(manager)
+  if restored is None:
     raise WeightsError(f"config.init_from.path={path} has a checkpoints/ folder without a finished "
                        f"checkpoint; give a workdir that trained at least one checkpoint")
-  metadata = dict(manager.item_metadata(step))
-  metadata = {k: metadata[k] for k in ("params", "batch_stats")}
-  target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata)
-  # Only params and batch_stats, as host arrays: a partial restore of the manager's single item
-  # (orbax keeps it in <step>/default), which StandardRestore cannot do.
-  tree = ocp.PyTreeCheckpointer().restore(
-      manager.directory / str(step) / "default",
-      args=ocp.args.PyTreeRestore(item=target, partial_restore=True, restore_args=jax.tree.map(
-          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)))
-  return mapping.flatten(tree), {"source_format": "orbax", "source": str(path), "step": int(step)}
+  return mapping.flatten(restored.state), {"source_format": "orbax", "source": str(path),
+                                           "step": int(restored.step)}
 
 
 def _is_logits(path: mapping.Path) -> bool:
