@@ -229,3 +229,17 @@ def test_training_resumes_from_the_step_before_a_damaged_newest_and_ends_where_t
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                saved_state(reference, 30), saved_state(workdir, 30))
   assert json.loads((workdir / "final_metrics.json").read_text())["step"] == 30
+
+
+def test_weights_from_a_workdir_skip_its_damaged_newest_checkpoint(trained_run, tmp_path, caplog):
+  """config.init_from.path=<workdir> reads params and BatchNorm statistics the same careful way."""
+  from deeplab_jax.weights import init_from
+  workdir, _ = _copy(trained_run, tmp_path / "w")
+  _delete(workdir / "checkpoints" / "30")
+  tree, info = init_from._load_workdir(workdir)
+  assert info["step"] == 25 and any(path[0] == "params" for path in tree)
+  params, _ = saved_state(workdir, 25)
+  np.testing.assert_array_equal(tree[("params", "logits", "semantic", "kernel")],
+                                params["logits"]["semantic"]["kernel"])
+  assert any("the checkpoint at step 30 is damaged (" in r.getMessage() and "missing;" in r.getMessage()
+             for r in caplog.records)
