@@ -138,21 +138,25 @@ def _files(folder: epath.Path) -> list[epath.Path]:
   return found
 
 
-def record_sizes(manager: ocp.CheckpointManager, exclude: int | None = None) -> None:
+def record_sizes(manager: ocp.CheckpointManager, exclude: int | None = None,
+                 only: int | None = None) -> None:
   """Write the newest finished steps' file sizes next to them (process 0), so that a file cut short
   or lost later (an interrupted copy) is named on restore before anything is read. Call after
-  `wait_until_finished` for the last one. Outside orbax's atomic commit: a step without the record
-  (a run killed before its next save) still restores, and damage to it is found by reading."""
+  `wait_until_finished` for the last one; `only`: that step alone. Outside orbax's atomic commit: a
+  step without the record (a run killed before its next save) still restores, damage to it is found
+  by reading, and training records it once it has read the step back intact."""
   if jax.process_index() != 0:
     return
-  for step in sorted((s for s in manager.all_steps() if s != exclude), reverse=True)[:2]:
+  steps = [only] if only is not None else sorted(
+      (s for s in manager.all_steps() if s != exclude), reverse=True)[:2]
+  for step in steps:
     folder = manager.directory / str(step)
     if (folder / SIZES).exists() or not (folder / COMMIT_MARKER).exists():
       continue
-    sizes = {str(p.relative_to(folder)): p.stat().length for p in _files(folder)}
     try:
+      sizes = {str(p.relative_to(folder)): p.stat().length for p in _files(folder)}
       (folder / SIZES).write_text(json.dumps(sizes, sort_keys=True))
-    except OSError as e:  # the save itself succeeded; only the naming of later damage is less precise
+    except Exception as e:  # noqa: BLE001 - OSError, or TensorFlow's for gs://: best effort only
       logging.warning("could not record the file sizes of %s (%s)", folder, e)
 
 
@@ -397,6 +401,8 @@ def _newest(manager, read, move_aside: bool) -> Restored | None:
     raise CheckpointError(f"every checkpoint in {manager.directory} is damaged ({listing}); restore "
                           f"the workdir from a copy, or train in a fresh --workdir (nothing was "
                           f"changed)")
+  if move_aside:  # training, which may write: a step just read back intact gets its sizes now
+    record_sizes(manager, only=step)  # if its run ended before recording them (killed)
   if skipped and move_aside:
     for bad, _ in skipped:
       if jax.process_index() == 0:
