@@ -315,17 +315,11 @@ def _all_agree(ok: bool) -> bool:
 class Restored:
   state: object
   step: int
-  skipped: list  # [(step, "what: why")] newer steps that were damaged
 
 
 def steps(manager) -> list[int]:
-  """Every step a checkpoint folder exists for, newest first, damaged or not."""
-  return _candidates(manager)
-
-
-def _candidates(manager) -> list[int]:
-  """Newest first: orbax's finalized steps and numeric folders it skips (gs:// ones without a
-  commit marker), which `_read` then reports."""
+  """Every step a checkpoint folder exists for, newest first, damaged or not: orbax's finalized
+  steps and numeric folders it skips (gs:// ones without a commit marker), which `_read` reports."""
   steps = set(manager.all_steps())
   if manager.directory.exists():
     steps |= {int(p.name) for p in manager.directory.iterdir() if p.name.isdigit()}
@@ -348,7 +342,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
   try:
     return _read(manager, step, abstract_state)
   except _Damaged as e:
-    others = [s for s in _candidates(manager) if s != step]
+    others = [s for s in steps(manager) if s != step]
     hint = (f"choose another step ({', '.join(map(str, others))}) or leave the step out to take the "
             f"newest intact one" if others else "restore the workdir from a copy")
     raise CheckpointError(f"the checkpoint at step {step} is damaged: {e}; {hint}") from None
@@ -377,7 +371,7 @@ def newest_variables(manager: ocp.CheckpointManager) -> Restored | None:
 
 
 def _newest(manager, read, move_aside: bool) -> Restored | None:
-  candidates, skipped = _candidates(manager), []
+  candidates, skipped = steps(manager), []
   if not candidates and manager.directory.exists() and any(
       DAMAGED in p.name for p in manager.directory.iterdir()):
     raise CheckpointError(f"{manager.directory} holds only checkpoints moved aside as damaged "
@@ -411,4 +405,4 @@ def _newest(manager, read, move_aside: bool) -> Restored | None:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"deeplab_jax_moved_aside_{step}")
     manager.reload()
-  return Restored(state, step, skipped)
+  return Restored(state, step)

@@ -82,8 +82,8 @@ def _listing(folder):
                 for p in folder.rglob("*"))
 
 
-def _assert_variables_equal(predictor, workdir_copy_of_25):
-  params, batch_stats = workdir_copy_of_25
+def _assert_variables_equal(predictor, expected):
+  params, batch_stats = expected
   got = {"params": predictor.variables["params"], "batch_stats": predictor.variables["batch_stats"]}
   jax.tree.map(np.testing.assert_array_equal, {"params": params, "batch_stats": batch_stats},
                jax.device_get(got))
