@@ -380,14 +380,15 @@ def segment_folder(predictor: Predictor, inputs, output, alpha: float = 0.5) -> 
 
 
 def _segment_command(flag_values) -> tuple[Predictor, int, list[str]]:
-  predictor = Predictor.from_workdir(flag_values.workdir, flag_values.step,
-                                     **strategy_options(flag_values))
+  # The inputs first: a wrong path fails in a second, not after the checkpoint is read.
   if not epath.Path(flag_values.input).exists():
     raise DataError(f"--input={flag_values.input} does not exist; give an image file or a folder of "
                     f"images")
   inputs = image_files(flag_values.input)
   if not inputs:
     raise DataError(f"--input={flag_values.input} holds no .jpg/.png/... images")
+  predictor = Predictor.from_workdir(flag_values.workdir, flag_values.step,
+                                     **strategy_options(flag_values))
   return (predictor, *segment_folder(predictor, inputs, flag_values.output, flag_values.alpha))
 
 
