@@ -177,10 +177,23 @@ def resize_to_range(image, label, min_size: int, max_size: int | None = None,
   size = tf.cast(size, tf.int32)
   if factor is not None:
     size += (factor - (size - 1) % factor) % factor
-  image = tf.compat.v1.image.resize_bilinear(tf.cast(image, tf.float32)[None], size,
-                                             align_corners=True)[0]
-  label = tf.compat.v1.image.resize_nearest_neighbor(label[None], size, align_corners=True)[0]
+  image = _resize_bilinear(tf.cast(image, tf.float32), size)
+  label = _resize_nearest(label, size)
   return image, label
+
+
+def _resize_bilinear(image, size):
+  """(H, W, C) float32 to `size`, align_corners as the official code: the op that TF1's
+  `tf.compat.v1.image.resize_bilinear` runs, called directly (the v1 wrapper prints a deprecation
+  warning, and `tf.image.resize` has no align_corners)."""
+  return tf.raw_ops.ResizeBilinear(images=image[None], size=size, align_corners=True,
+                                   half_pixel_centers=False)[0]
+
+
+def _resize_nearest(label, size):
+  """(H, W, 1) labels to `size`, nearest with align_corners (see `_resize_bilinear`)."""
+  return tf.raw_ops.ResizeNearestNeighbor(images=label[None], size=size, align_corners=True,
+                                          half_pixel_centers=False)[0]
 
 
 def augment(image, label, seed, *, crop_size, min_scale, max_scale, scale_step, flip, ignore_label):
@@ -198,8 +211,8 @@ def augment(image, label, seed, *, crop_size, min_scale, max_scale, scale_step, 
     scale = min_scale + tf.cast(index, tf.float32) * scale_step
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     size = tf.cast(shape * scale, tf.int32)  # floor, as the official code
-    image = tf.compat.v1.image.resize_bilinear(image[None], size, align_corners=True)[0]
-    label = tf.compat.v1.image.resize_nearest_neighbor(label[None], size, align_corners=True)[0]
+    image = _resize_bilinear(image, size)
+    label = _resize_nearest(label, size)
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   pad_h, pad_w = tf.maximum(crop_h - height, 0), tf.maximum(crop_w - width, 0)
   image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=IMAGE_PAD_VALUE)

@@ -15,7 +15,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from deeplab_jax import config as config_lib, distributed, runtime
+from deeplab_jax import config as config_lib, console, distributed, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and summaries (local or gs://).")
@@ -29,6 +29,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
   def run():
+    console.setup(FLAGS.verbosity)  # details to the workdir's log file; --verbosity=1 shows them live
     config_lib.validate_training(FLAGS.config)  # a bad value fails in a second, before TensorFlow loads
     from deeplab_jax import train
     distributed.initialize_from_flags()

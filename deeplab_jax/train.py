@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from deeplab_jax import (checkpoints, curves, datasets, distributed, input_pipeline, losses, metrics, optim,
+from deeplab_jax import (checkpoints, console, curves, datasets, distributed, input_pipeline, losses, metrics, optim,
                          sharding, visualize)
 from deeplab_jax import config as config_lib
 from deeplab_jax.errors import NonFiniteLossError, Preempted
@@ -240,6 +240,29 @@ def _check_finite(pending: list, step: int, manager) -> None:
         f"config.optim.grad_clip_norm, or check the input data")
 
 
+def _header(config, builder, mesh, abstract_state, workdir, log_path, start_step: int,
+            resumed_from) -> None:
+  """The console's first lines: what trains, on what, where its files and log go, from where."""
+  params = sum(int(x.size) for x in jax.tree.leaves(abstract_state.params))
+  train_images = builder.info.splits[config.dataset.train_split].num_examples
+  devices = jax.devices()
+  mesh_shape = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
+  total = int(config.train.steps)
+  console.say(f"DeepLabv3+ {config.model.backbone}: {console.count(params)} parameters, output stride "
+              f"{config.model.output_stride}, {config.dataset.num_classes} classes; "
+              f"{config.dataset.name}: {train_images:,} training images")
+  console.say(f"{len(devices)} {devices[0].platform} device{'s' if len(devices) > 1 else ''} "
+              f"(mesh {mesh_shape}{f', {jax.process_count()} processes' if jax.process_count() > 1 else ''}), "
+              f"global batch {config.train.batch_size}, {total:,} steps; workdir {workdir}"
+              + (f" (full log: {log_path})" if log_path else ""))
+  if resumed_from is not None:
+    console.say(f"resumed from {resumed_from}")
+  elif config.init_from.path is not None:
+    console.say(f"a new model from the pretrained weights {config.init_from.path}")
+  if start_step >= total:
+    console.say(f"all {total:,} steps are done: evaluating only")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train `config.train.steps` steps (resuming from `workdir`), evaluate, write final_metrics.json."""
   config_lib.validate_training(config)
@@ -267,6 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pretrained = prepare() if wants_weights and not (workdir / "checkpoints").exists() else None
   if is_chief:
     workdir.mkdir(parents=True, exist_ok=True)
+  log_path = console.open_log(workdir)
   manager = checkpoints.create_manager(workdir, keep=int(config.checkpoint.keep),
                                        async_save=bool(config.checkpoint.async_save))
   # The newest checkpoint that reads back intact; damaged newer ones are named and moved aside.
@@ -283,6 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = restored.state
     logging.info("resumed from %s", manager.directory / str(restored.step))
   start_step, total_steps = int(jax.device_get(state.step)), int(config.train.steps)
+  _header(config, builder, mesh, abstract_state, workdir, log_path, start_step,
+          None if restored is None else manager.directory / str(restored.step))
   if is_chief:
     _write_config(workdir, config)
   if pretrained is not None:
@@ -298,6 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def run_eval(step: int) -> dict:
     results, images = evaluator(state)
+    console.say(console.eval_line(step, results, class_names))
     writer.write_scalars(step, _scalars("eval", results, class_names))
     if images:
       writer.write_images(step, {f"eval/example_{k}": im[None] for k, im in enumerate(images)})
@@ -305,6 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return results
 
   preemption = distributed.Preemption()
+  bar = None
   try:
     if start_step < total_steps:
       batch_sh = sharding.batch_sharding(mesh)
@@ -315,7 +343,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                                every_steps=int(config.train.log_every_steps))
       logging.info("training steps %d..%d", start_step + 1, total_steps)
-      pending = []
+      console.say(f"training steps {start_step + 1:,}..{total_steps:,} (the first compiles the step)")
+      bar = console.progress(start_step + 1, total_steps, int(config.train.batch_size))
+      pending, loss = [], None
       for step in range(start_step + 1, total_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, step_metrics = step_fn(state, sharding.to_global(next(batches), batch_sh))
@@ -325,9 +355,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if step % config.train.log_every_steps == 0 or last:
           _check_finite(pending, step, manager)
           fetched = jax.device_get(pending)
-          writer.write_scalars(step, {f"train/{k}": float(np.mean([m[k] for m in fetched]))
-                                      for k in ("loss", "grad_norm", "learning_rate")})
-          pending = []
+          means = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm",
+                                                                        "learning_rate")}
+          writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+          pending, loss = [], means["loss"]
+        bar.update(step, loss)
         # Every process checks every step: over several processes they agree on one step here.
         preempted = preemption.reached(step) and not last
         if step % config.checkpoint.every_steps == 0 or last or preempted:
@@ -343,6 +375,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     final_step = int(jax.device_get(state.step))
     results = run_eval(final_step)
   finally:
+    if bar is not None:
+      bar.close()
     try:
       preemption.close()
       manager.wait_until_finished()  # raises if a save failed: the summaries are written anyway
@@ -356,6 +390,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       with (workdir / EXAMPLES_NAME).open("wb") as f:
         Image.fromarray(visualize.stack(examples)).save(f, format="PNG")
   logging.info("final: %s", {k: v for k, v in results.items() if k != "confusion_matrix"})
-  print(f"deeplab_jax: final mean IoU {results['mean_iou']:.4f} at step {final_step} "
-        f"(pixel accuracy {results['pixel_accuracy']:.4f}; {workdir / 'final_metrics.json'})", flush=True)
+  if is_chief:
+    print(f"deeplab_jax: final mean IoU {results['mean_iou']:.4f} at step {final_step} "
+          f"(pixel accuracy {results['pixel_accuracy']:.4f}; {workdir / 'final_metrics.json'})",
+          flush=True)
   return results

@@ -77,19 +77,25 @@ def test_two_processes_preempted_and_resumed_end_like_one_process_with_four_devi
   workdir = tmp_path / "two_processes"
   flags = _flags(tiny_data_dir, workdir)
   job = _two_processes(flags, compile_cache_env)
-  lines, started = [], 0
-  for line in job.stdout:  # SIGTERM once both processes train
+  lines = []
+  for line in job.stdout:  # SIGTERM once both processes train: process 0 prints, process 1 logs
     lines.append(line)
     if "training steps" in line:
-      started += 1
-      if started == 2:
-        time.sleep(0.5)
-        job.send_signal(signal.SIGTERM)
-        break
+      other_log, deadline = workdir / "train.log.process_1", time.time() + 120
+      while time.time() < deadline and not (other_log.exists() and
+                                            "training steps" in other_log.read_text()):
+        time.sleep(0.05)
+      time.sleep(0.5)
+      job.send_signal(signal.SIGTERM)
+      break
   rest, _ = job.communicate(timeout=300)
   out = "".join(lines) + rest
   assert job.returncode == distributed.PREEMPTED_EXIT, _report(out, tmp_path / "preempted.log")
-  assert "[process 1/2]" in out and "started 2 processes (flags); 4 devices in all, 2 here" in out
+  assert "[process 1/2]" in out and "4 cpu devices (mesh data=4, 2 processes)" in out
+  # Each process's details go to its own log file in the workdir; only process 0 prints the console.
+  assert "started 2 processes (flags); 4 devices in all, 2 here" in (workdir / "train.log").read_text()
+  assert "started 2 processes" in (workdir / "train.log.process_1").read_text()
+  assert out.count("training steps 1..") == 1, out
   stops = [line for line in out.splitlines() if "deeplab_jax: preempted (SIGTERM) at step" in line]
   assert len(stops) == 2 and len({line.split(" at step ")[1].split(":")[0] for line in stops}) == 1, stops
   _, step = _params(workdir)

@@ -42,10 +42,34 @@ def test_smoke_run_writes_metrics_summaries_and_checkpoints(uninterrupted_run):
   assert Image.open(workdir / "curves.png").size == (840, 300)
   examples = np.asarray(Image.open(workdir / "examples.png"))
   assert 3 * 112 <= examples.shape[1] <= 3 * 128 and 4 * 112 <= examples.shape[0] <= 4 * 128 + 3 * 4
-  log = result.stderr
+  # The details go to the workdir's log file, in absl's format.
+  log = (workdir / "train.log").read_text()
   for tag in ("train/loss=", "train/learning_rate=", "eval/mean_iou=", "eval/iou/stripes=",
-              "steps_per_sec=", "Got images: {'eval/example_0'"):
+              "steps_per_sec=", "Got images: {'eval/example_0'", "training steps 1..30"):
     assert tag in log, tag
+
+
+def test_the_console_is_a_short_header_progress_lines_and_one_line_per_evaluation(uninterrupted_run):
+  """Both streams captured as a non-terminal (a pipe, as under CI or nohup): a header, a progress
+  line per tenth of the run with the loss, speed and ETA, one line per evaluation, the final line;
+  no absl detail lines, no deprecation text, no backend probing."""
+  workdir, result = uninterrupted_run
+  lines = (result.stderr + result.stdout).strip().splitlines()
+  assert len(lines) <= 40, "\n".join(lines)
+  assert lines[0].startswith("DeepLabv3+ mobilenet_v2: 1.18M parameters, output stride 16, 6 classes")
+  assert f"(full log: {workdir / 'train.log'})" in lines[1]
+  assert lines[2] == "training steps 1..30 (the first compiles the step)"
+  progress = [line for line in lines if line.startswith("step ")]
+  assert [line.split()[1] for line in progress] == [f"{k}/30" for k in range(3, 31, 3)]
+  assert all(" loss " in line and " img/s " in line and " ETA " in line for line in progress[1:])
+  evals = [line for line in lines if line.startswith("eval at step ")]
+  assert [line.split(":")[0] for line in evals] == ["eval at step 10", "eval at step 20", "eval at step 30"]
+  assert all("mean IoU " in line and "(weakest: " in line for line in evals)
+  assert result.stdout.strip().splitlines()[-1].startswith("deeplab_jax: final mean IoU ")
+  text = result.stderr + result.stdout
+  for noise in ("deprecat", "Instructions for updating", "Unable to initialize backend", "] ",
+                "Setting work unit notes", "Traceback", "WARNING"):
+    assert noise not in text, noise
 
 
 def test_rerunning_a_finished_run_only_reevaluates(uninterrupted_run, compile_cache_env, tmp_path):
