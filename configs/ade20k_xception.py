@@ -7,7 +7,7 @@ deeplab_jax.aot --config=configs/ade20k_xception.py --topology=v5litepod-4 --con
 other slices in benchmarks/README.md, TPU table): it fits with 6.0 of 15.75 GiB per chip in bfloat16,
 and the roofline bounds it at 52 images/s per chip. Label 0 ("other") is ignored.
 Paper: 45.65% val with multi-scale evaluation. Prepare the data first:
-`python -m deeplab_jax.datasets.prepare ade20k --manual_dir=DIR --data_dir=DATA` (README, Data).
+`python -m deeplab_jax.datasets.prepare ade20k --manual_dir=DIR --data_dir=DATA` (docs/data.md).
 """
 from deeplab_jax import config as config_lib
 

@@ -9,7 +9,7 @@ deeplab_jax.aot --config=configs/cityscapes_xception.py --topology=v5litepod-4
 does not fit, lower it and set `--config.model.freeze_bn=True`, as the official code does. Evaluates
 whole 1024x2048 val images padded to 1025x2049 (the eval step at batch 8 fits the v5e-4 too).
 Paper: 78.79% val (X-65). Prepare the data first: `python -m deeplab_jax.datasets.prepare cityscapes
---manual_dir=DIR --data_dir=DATA` (README, Data).
+--manual_dir=DIR --data_dir=DATA` (docs/data.md).
 """
 from deeplab_jax import config as config_lib
 

@@ -10,9 +10,9 @@ roofline bounds it at 34 (float32) and 55 (bfloat16) images/s per chip (bfloat16
 v5p-8: 202). 30,000 steps on train_aug, SGD momentum 0.9, poly lr 0.007, weight decay 4e-5,
 evaluation on val at OS16; `--config.eval.output_stride=8` evaluates the same weights at OS8.
 Prepare the data first (`python -m deeplab_jax.datasets.prepare voc2012_segmentation
---manual_dir=DIR --data_dir=DATA`, README, Data). The paper's 79.8% starts from ImageNet weights:
+--manual_dir=DIR --data_dir=DATA`, docs/data.md). The paper's 79.8% starts from ImageNet weights:
 convert the official checkpoint (xception_65_imagenet_2018_05_09.tar.gz, extracted; or timm's
-xception65, README, Pretrained weights) and pass the folder:
+xception65, docs/weights.md) and pass the folder:
 
   python -m deeplab_jax.weights convert --from=tf_deeplab --input=xception_65/model.ckpt \
       --output=gs://BUCKET/xception_65_imagenet

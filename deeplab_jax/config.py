@@ -119,7 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Pretrained weights for a run that starts with no checkpoint in its workdir (resume always wins):
   # `path` is a folder written by `python -m deeplab_jax.weights convert`, a training workdir, or with
-  # format "timm" / "tf_deeplab" the original file (README, Pretrained weights). scope "backbone"
+  # format "timm" / "tf_deeplab" the original file (docs/weights.md). scope "backbone"
   # loads an ImageNet backbone and leaves the heads at their init; "all" loads a whole DeepLab (logits
   # of another class count stay at their init).
   config.init_from = ml_collections.ConfigDict()

@@ -100,8 +100,9 @@ def setup(verbosity: int = 0) -> None:
 
 class _DropRoutineWarnings(logging_lib.Filter):
   """Library warnings that ask nothing of the user, kept in the log file only: Orbax's note that a
-  save waited for the previous one (a slow disk shows in the run's speed)."""
-  _ROUTINE = ("Waiting for previous save to complete",)
+  save waited for the previous one (a slow disk shows in the run's speed), TFDS's note that a data
+  set it is about to generate has no metadata yet."""
+  _ROUTINE = ("Waiting for previous save to complete", "Variant folder %s has no")
 
   def filter(self, record: logging_lib.LogRecord) -> bool:
     return not any(str(record.msg).startswith(text) for text in self._ROUTINE)

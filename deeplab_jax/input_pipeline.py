@@ -9,6 +9,7 @@ uninterrupted run, replaying at most one epoch of encoded reads (no decoding) to
 from __future__ import annotations
 
 import re
+import time
 from typing import Iterator
 
 from absl import logging
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from deeplab_jax import datasets
+from deeplab_jax import console, datasets
 from deeplab_jax.errors import ConfigError, DataError
 
 # The official code pads images with the mean pixel, which its normalization maps to 0.
@@ -47,7 +48,14 @@ def _build_generated(builder, name: str, data_dir: str | None) -> tfds.core.Data
   # only if they still cannot see it (a local data_dir per host).
   if jax.process_index() == 0:
     logging.info("building %s in %s (first use)", name, builder.data_dir)
-    builder.download_and_prepare()
+    console.say(f"generating {name} in {builder.data_dir} (first use only)")
+    start = time.time()
+    tfds.disable_progress_bar()  # TFDS's bars print a line a second off a terminal: one line instead
+    try:
+      builder.download_and_prepare()
+    finally:
+      tfds.enable_progress_bar()
+    console.say(f"generated {name} in {time.time() - start:.0f} s")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"prepared {name}")

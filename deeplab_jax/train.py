@@ -290,12 +290,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pretrained = prepare() if wants_weights and not (workdir / "checkpoints").exists() else None
   if is_chief:
     workdir.mkdir(parents=True, exist_ok=True)
-  log_path = console.open_log(workdir)
   manager = checkpoints.create_manager(workdir, keep=int(config.checkpoint.keep),
                                        async_save=bool(config.checkpoint.async_save))
   # The newest checkpoint that reads back intact; damaged newer ones are named and moved aside.
   restored = checkpoints.restore_newest(manager, sharding.with_shardings(abstract_state, state_sh),
                                         move_aside=True)
+  log_path = console.open_log(workdir)  # after the checks that change nothing when they fail
   if restored is None and wants_weights and pretrained is None:
     pretrained = prepare()
   if restored is None:

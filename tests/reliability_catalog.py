@@ -1,7 +1,7 @@
 """The reliability catalog: what can go wrong, the test that tries it, and what the user sees.
 
-README.md's "Reliability" table is `markdown_table()` of this module, checked by
-test_reliability.py::test_the_readme_table_is_the_catalog; every test named here must exist and be
+docs/reliability.md's table is `markdown_table()` of this module, checked by
+test_reliability.py::test_the_docs_table_is_the_catalog; every test named here must exist and be
 marked `reliability`, so `pytest -k reliability` runs the whole catalog. Bad inputs are data: the
 test that runs them (test_reliability.py::test_each_bad_input_is_one_line_a_nonzero_exit_and_nothing_written)
 reads `BAD_INPUTS`, so a row cannot claim a message the program does not print.
@@ -197,7 +197,7 @@ def readable(text: str) -> str:
 
 
 def markdown_table() -> str:
-  """The README's table: faults, then bad inputs (each: case, what the user sees, its test)."""
+  """docs/reliability.md's table: faults, then bad inputs (each: case, what the user sees, its test)."""
   rows = ["| case | what the user sees | test |", "|---|---|---|"]
   for fault in FAULTS:
     rows.append(f"| {fault.case} | {fault.sees} | `{fault.test.split('::')[1]}` |")

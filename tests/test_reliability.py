@@ -1,7 +1,7 @@
 """The reliability catalog's faults, in real processes on tiny configs: kill -9 at random moments,
 a diverging loss, a full disk during a save, a corrupt image inside a built data set. Each asserts
 what the user sees and that nothing is lost. `pytest -k reliability` runs these with the catalog's
-cases in other files (tests/reliability_catalog.py lists them all; the README table is its copy)."""
+cases in other files (tests/reliability_catalog.py lists them all; docs/reliability.md's table is its copy)."""
 import ast
 import os
 import pathlib
@@ -340,13 +340,13 @@ def test_each_bad_input_is_one_line_a_nonzero_exit_and_nothing_written(trained_w
   assert a_file.read_text() == ""
 
 
-def test_the_readme_table_is_the_catalog_and_its_tests_are_marked():
-  readme = (pathlib.Path(REPO) / "README.md").read_text()
+def test_the_docs_table_is_the_catalog_and_its_tests_are_marked():
+  readme = (pathlib.Path(REPO) / "docs" / "reliability.md").read_text()
   start, end = "<!-- reliability catalog: tests/reliability_catalog.py -->\n", "<!-- end of catalog -->"
-  assert start in readme and end in readme, "the README lost the catalog's markers"
+  assert start in readme and end in readme, "docs/reliability.md lost the catalog's markers"
   table = readme[readme.index(start) + len(start):readme.index(end)]
   assert table == reliability_catalog.markdown_table(), (
-      "README's Reliability table differs from tests/reliability_catalog.py: paste "
+      "docs/reliability.md's table differs from tests/reliability_catalog.py: paste "
       "`python -c 'import sys; sys.path.insert(0, \"tests\"); import reliability_catalog; "
       "print(reliability_catalog.markdown_table(), end=\"\")'`")
   assert len(reliability_catalog.BAD_INPUTS) >= 15
