@@ -6,8 +6,11 @@ Every data set reaches the input pipeline as `image` (H, W, 3), `segmentation` (
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 
+from absl import logging
 from etils import epath
 import numpy as np
 
@@ -129,11 +132,16 @@ def prepare(name: str, manual_dir: str | None, data_dir: str | None, **builder_k
   home = epath.Path(builder.data_dir).parent.parent if builder.builder_config else epath.Path(
       builder.data_dir).parent  # <data_dir>/<name>[/<config>]/<version>
   created += [home] if not home.exists() else []
+  printed = io.StringIO()  # TFDS's "Downloading and preparing dataset ..." lines: to the log
   try:
-    builder.download_and_prepare(download_config=download_config)
+    with contextlib.redirect_stdout(printed):
+      builder.download_and_prepare(download_config=download_config)
   except BaseException:
     for path in reversed(created):
       if path.exists():
         path.rmtree()
     raise
+  finally:
+    if printed.getvalue().strip():
+      logging.info("TFDS: %s", printed.getvalue().strip())
   return {split: info.num_examples for split, info in builder.info.splits.items()}
