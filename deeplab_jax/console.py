@@ -152,6 +152,15 @@ def _terminal_columns() -> int:
     return 0
 
 
+def bar(iterable, total: int | None, desc: str, unit: str):
+  """A tqdm bar over `iterable` on a terminal (process 0); the iterable itself elsewhere."""
+  if not (chief() and _terminal_columns() > 0):
+    return iterable
+  from tqdm import tqdm
+  return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+              leave=False)
+
+
 class _Progress:
   """Steps `first..total`: a tqdm bar on a terminal, otherwise a line at each tenth of the run. The
   rate and ETA count from the end of the first step (which includes compiling) and include the

@@ -22,7 +22,7 @@ from etils import epath
 import jax
 import numpy as np
 
-from deeplab_jax import datasets, distributed, infer, input_pipeline, metrics, runtime
+from deeplab_jax import console, datasets, distributed, infer, input_pipeline, metrics, runtime
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
@@ -43,8 +43,11 @@ def evaluate(config, workdir, step: int | None = None, **options) -> dict:
   num_classes, ignore = int(config.dataset.num_classes), int(config.dataset.ignore_label)
   total = np.zeros((num_classes, num_classes), np.int64)
   count = 0
-  for example in input_pipeline.as_numpy(input_pipeline.eval_examples(builder, config), builder,
-                                         config.dataset.eval_split):
+  examples = input_pipeline.as_numpy(input_pipeline.eval_examples(builder, config), builder,
+                                     config.dataset.eval_split)
+  split = builder.info.splits.get(config.dataset.eval_split)  # None for a sliced split ("val[:8]")
+  for example in console.bar(examples, split and -(-split.num_examples // jax.process_count()),
+                             "evaluating", "image"):
     label = example["label"]
     prediction = predictor.predict(example["image"])
     # Padded to the predictor's grid (ignored pixels) so that the metric compiles per bucket only.
