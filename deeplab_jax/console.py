@@ -112,23 +112,23 @@ def open_log(workdir, name: str = LOG_NAME) -> str | None:
   """Start the log file in `workdir` (process k > 0: `<name>.process_k`); returns its local path."""
   if _log_file is None:
     return None
-  if jax.process_index() > 0:  # its own file; on a host of its own, its own copy of the workdir
-    name = f"{name}.process_{jax.process_index()}"
-    try:
-      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      return _log_file.open(epath.Path(workdir) / name)
-    except OSError as e:  # the run goes on; its console is process 0's
-      absl_logging.warning("process %d keeps no log file (%s)", jax.process_index(), e)
-      return None
-  return _log_file.open(epath.Path(workdir) / name)
+  workdir = epath.Path(workdir)
+  if jax.process_index() == 0:  # process 0 made the workdir
+    return _log_file.open(workdir / name)
+  try:  # its own file; on a host of its own, its own copy of the workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    return _log_file.open(workdir / f"{name}.process_{jax.process_index()}")
+  except OSError as e:  # the run goes on; its console is process 0's
+    absl_logging.warning("process %d keeps no log file (%s)", jax.process_index(), e)
+    return None
 
 
 def say(line: str) -> None:
   """One console line (process 0 only), written above the progress bar if one is showing."""
   if not chief():
     return
-  if _Progress.active is not None and _Progress.active.bar is not None:
-    _Progress.active.bar.write(line, file=sys.stderr)
+  if Progress.active is not None and Progress.active.bar is not None:
+    Progress.active.bar.write(line, file=sys.stderr)
   else:
     print(line, file=sys.stderr, flush=True)
 
@@ -141,46 +141,46 @@ def duration(seconds: float) -> str:
 
 
 def count(n: float) -> str:
-  """1.18M, 41.1M, 2,000."""
+  """1.18M, 41.06M, 2,000."""
   return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{int(n):,}"
 
 
-def _terminal_columns() -> int:
+def _shows_bars() -> bool:
+  """Process 0 on a terminal of some width (a pseudo-terminal with no size gets plain lines)."""
   try:
-    return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
+    columns = os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
   except (OSError, ValueError, AttributeError):  # no descriptor (a notebook's stream), or no size
-    return 0
+    columns = 0
+  return chief() and columns > 0
 
 
 def bar(iterable, total: int | None, desc: str, unit: str):
   """A tqdm bar over `iterable` on a terminal (process 0); the iterable itself elsewhere."""
-  if not (chief() and _terminal_columns() > 0):
+  if not _shows_bars():
     return iterable
   from tqdm import tqdm
   return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
               leave=False)
 
 
-class _Progress:
+class Progress:
   """Steps `first..total`: a tqdm bar on a terminal, otherwise a line at each tenth of the run. The
   rate and ETA count from the end of the first step (which includes compiling) and include the
   evaluations between steps."""
-  active: "_Progress | None" = None
+  active: "Progress | None" = None
 
-  def __init__(self, first: int, total: int, global_batch: int, tty: bool | None = None):
+  def __init__(self, first: int, total: int, global_batch: int):
     self.first, self.total, self.batch = first, total, global_batch
     self.loss = None
     self.started = None  # (step, time) once the first step has finished
-    if tty is None:  # a terminal of no width (a pseudo-terminal with no size) gets plain lines
-      tty = _terminal_columns() > 0
     self.bar = None
-    if chief() and tty:
+    if _shows_bars():
       from tqdm import tqdm
       self.bar = tqdm(total=total, initial=first - 1, unit="step", file=sys.stderr, dynamic_ncols=True,
                       bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
     span = total - first + 1
     self.every = max(1, math.ceil(span / 10))
-    _Progress.active = self
+    Progress.active = self
 
   def _rate(self, step: int) -> float | None:
     if self.started is None or step <= self.started[0]:
@@ -217,11 +217,7 @@ class _Progress:
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
-    _Progress.active = None
-
-
-def progress(first: int, total: int, global_batch: int, tty: bool | None = None) -> _Progress:
-  return _Progress(first, total, global_batch, tty)
+    Progress.active = None
 
 
 def eval_line(step: int, results: dict, class_names) -> str:

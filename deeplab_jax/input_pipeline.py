@@ -8,8 +8,6 @@ uninterrupted run, replaying at most one epoch of encoded reads (no decoding) to
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 import time
 from typing import Iterator
@@ -52,22 +50,14 @@ def _build_generated(builder, name: str, data_dir: str | None) -> tfds.core.Data
     logging.info("building %s in %s (first use)", name, builder.data_dir)
     console.say(f"generating {name} in {builder.data_dir} (first use only)")
     start = time.time()
-    tfds.disable_progress_bar()  # TFDS's bars print a line a second off a terminal: one line instead
-    printed = io.StringIO()  # and its "Downloading and preparing dataset Unknown size ..." lines
-    try:
-      with contextlib.redirect_stdout(printed):
-        builder.download_and_prepare()
-    finally:
-      tfds.enable_progress_bar()
-      if printed.getvalue().strip():
-        logging.info("TFDS: %s", printed.getvalue().strip())
+    datasets.download_and_prepare(builder, bars=False)  # these two lines instead of TFDS's
     console.say(f"generated {name} in {time.time() - start:.0f} s")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"prepared {name}")
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
-    builder.download_and_prepare()
+    datasets.download_and_prepare(builder, bars=False)
   return builder
 
 

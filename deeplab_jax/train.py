@@ -295,9 +295,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The newest checkpoint that reads back intact; damaged newer ones are named and moved aside.
   restored = checkpoints.restore_newest(manager, sharding.with_shardings(abstract_state, state_sh),
                                         move_aside=True)
-  log_path = console.open_log(workdir)  # after the checks that change nothing when they fail
   if restored is None and wants_weights and pretrained is None:
     pretrained = prepare()
+  log_path = console.open_log(workdir)  # after the checks that change nothing when they fail
+  resumed_from = None if restored is None else manager.directory / str(restored.step)
   if restored is None:
     state = init(init_rng)
     logging.info("initialized a new %s DeepLab", config.model.backbone)
@@ -305,10 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state = init_from.apply(state, pretrained[0])
   else:
     state = restored.state
-    logging.info("resumed from %s", manager.directory / str(restored.step))
+    logging.info("resumed from %s", resumed_from)
   start_step, total_steps = int(jax.device_get(state.step)), int(config.train.steps)
-  _header(config, builder, mesh, abstract_state, workdir, log_path, start_step,
-          None if restored is None else manager.directory / str(restored.step))
+  _header(config, builder, mesh, abstract_state, workdir, log_path, start_step, resumed_from)
   if is_chief:
     _write_config(workdir, config)
   if pretrained is not None:
@@ -344,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                every_steps=int(config.train.log_every_steps))
       logging.info("training steps %d..%d", start_step + 1, total_steps)
       console.say(f"training steps {start_step + 1:,}..{total_steps:,} (the first compiles the step)")
-      bar = console.progress(start_step + 1, total_steps, int(config.train.batch_size))
+      bar = console.Progress(start_step + 1, total_steps, int(config.train.batch_size))
       pending, loss = [], None
       for step in range(start_step + 1, total_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):

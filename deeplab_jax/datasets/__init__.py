@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import sys
 
 from absl import logging
 from etils import epath
@@ -132,16 +133,29 @@ def prepare(name: str, manual_dir: str | None, data_dir: str | None, **builder_k
   home = epath.Path(builder.data_dir).parent.parent if builder.builder_config else epath.Path(
       builder.data_dir).parent  # <data_dir>/<name>[/<config>]/<version>
   created += [home] if not home.exists() else []
-  printed = io.StringIO()  # TFDS's "Downloading and preparing dataset ..." lines: to the log
   try:
-    with contextlib.redirect_stdout(printed):
-      builder.download_and_prepare(download_config=download_config)
+    download_and_prepare(builder, download_config, bars=sys.stderr.isatty())
   except BaseException:
     for path in reversed(created):
       if path.exists():
         path.rmtree()
     raise
+  return {split: info.num_examples for split, info in builder.info.splits.items()}
+
+
+def download_and_prepare(builder, download_config=None, *, bars: bool) -> None:
+  """`builder.download_and_prepare` without TFDS's console noise: its progress bars only if `bars`
+  (off a terminal they print a line a second), its "Downloading and preparing dataset ..." prints
+  into the log."""
+  import tensorflow_datasets as tfds
+  printed = io.StringIO()
+  if not bars:
+    tfds.disable_progress_bar()
+  try:
+    with contextlib.redirect_stdout(printed):
+      builder.download_and_prepare(download_config=download_config)
   finally:
+    if not bars:
+      tfds.enable_progress_bar()
     if printed.getvalue().strip():
       logging.info("TFDS: %s", printed.getvalue().strip())
-  return {split: info.num_examples for split, info in builder.info.splits.items()}

@@ -25,10 +25,6 @@ flags.DEFINE_integer("ignore_label", 255, "folder_segmentation only: the mask va
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError(f"give one data set name: {', '.join(sorted(datasets.DATASETS))}")
-  import sys
-  if not sys.stderr.isatty():  # TFDS's bars print a line a second into a file or pipe
-    import tensorflow_datasets as tfds
-    tfds.disable_progress_bar()
   sizes = runtime.run_command(lambda: datasets.prepare(
       argv[1], FLAGS.manual_dir, FLAGS.data_dir, num_classes=FLAGS.num_classes,
       ignore_label=FLAGS.ignore_label), compile_cache=False)
