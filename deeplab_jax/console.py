@@ -113,12 +113,14 @@ def open_log(workdir, name: str = LOG_NAME) -> str | None:
   if _log_file is None:
     return None
   workdir = epath.Path(workdir)
-  if jax.process_index() == 0:  # process 0 made the workdir
-    return _log_file.open(workdir / name)
-  try:  # its own file; on a host of its own, its own copy of the workdir
+  if jax.process_index() > 0:  # its own file; on a host of its own, its own copy of the workdir
+    name = f"{name}.process_{jax.process_index()}"
+  try:
     workdir.mkdir(parents=True, exist_ok=True)
-    return _log_file.open(workdir / f"{name}.process_{jax.process_index()}")
+    return _log_file.open(workdir / name)
   except OSError as e:  # the run goes on; its console is process 0's
+    if jax.process_index() == 0:
+      raise  # process 0's folder is the run's own: an unwritable one is the user's to fix
     absl_logging.warning("process %d keeps no log file (%s)", jax.process_index(), e)
     return None
 

@@ -45,6 +45,7 @@ def evaluate(config, workdir, step: int | None = None, **options) -> dict:
   count = 0
   examples = input_pipeline.as_numpy(input_pipeline.eval_examples(builder, config), builder,
                                      config.dataset.eval_split)
+  console.open_log(epath.Path(workdir) / "eval", "evaluate.log")  # after the checks: none writes
   split = builder.info.splits.get(config.dataset.eval_split)  # None for a sliced split ("val[:8]")
   for example in console.bar(examples, split and -(-split.num_examples // jax.process_count()),
                              "evaluating", "image"):
@@ -93,12 +94,14 @@ def main(argv):
   FLAGS = flags.FLAGS
 
   def run():
+    console.setup(FLAGS.verbosity)  # details to WORKDIR/eval/evaluate.log; --verbosity=1: live
     distributed.initialize_from_flags()
     results = evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step, **infer.strategy_options(FLAGS))
-    return results, write_results(FLAGS.workdir, results, FLAGS.config.dataset.eval_split)
+    path = write_results(FLAGS.workdir, results, FLAGS.config.dataset.eval_split)
+    logging.info("per class: %s", dict(zip(results["class_names"], results["per_class_iou"])))
+    return results, path
 
   results, path = runtime.run_command(run)
-  logging.info("per class: %s", dict(zip(results["class_names"], results["per_class_iou"])))
   print(f"deeplab_jax: mean IoU {results['mean_iou']:.4f} ({results['strategy']}, step "
         f"{results['step']}, {results['images']} images; {path})")
 

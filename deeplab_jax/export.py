@@ -21,7 +21,7 @@ from absl import flags
 from etils import epath
 import jax.numpy as jnp
 
-from deeplab_jax import infer, runtime
+from deeplab_jax import console, infer, runtime
 from deeplab_jax.errors import ConfigError
 
 # Formulations made of standard ops only, so jax.export can serialize them (see the docstring).
@@ -86,9 +86,12 @@ def main(argv):
   del argv
 
   def run():
+    console.setup(FLAGS.verbosity)  # details to OUTPUT/export.log; --verbosity=1 shows them live
     predictor = infer.Predictor.from_workdir(FLAGS.workdir, FLAGS.step,
                                              output_stride=FLAGS.output_stride)
-    return predictor, export(predictor, FLAGS.output, FLAGS.depthwise_impl)
+    path = export(predictor, FLAGS.output, FLAGS.depthwise_impl)
+    console.open_log(path, "export.log")  # once the SavedModel is whole: a failed export writes nothing
+    return predictor, path
 
   predictor, path = runtime.run_command(run)
   print(f"deeplab_jax: exported step {predictor.step} (output stride {predictor.output_stride}, "

@@ -23,8 +23,10 @@ import functools
 import json
 import math
 import os
+import time
 from typing import Iterable, Sequence
 
+from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -32,7 +34,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from deeplab_jax import checkpoints, datasets, visualize
+from deeplab_jax import checkpoints, console, datasets, visualize
 from deeplab_jax.errors import CheckpointError, DataError
 from deeplab_jax.models import create_model, upsample_logits
 from deeplab_jax.models.layers import scale_dimension
@@ -360,18 +362,22 @@ def save_label_png(labels: np.ndarray, path: epath.Path, colors: np.ndarray) -> 
 
 def segment_folder(predictor: Predictor, inputs, output, alpha: float = 0.5) -> tuple[int, list[str]]:
   """Label PNGs and overlay JPEGs for every input image; returns (written, skipped-with-reasons)."""
-  from tqdm import tqdm
   output = epath.Path(output)
   output.mkdir(parents=True, exist_ok=True)
+  console.open_log(output, "infer.log")
   colors = palette_colors(palette_name(predictor.config.dataset.name))
   written, skipped = 0, []
-  for path in tqdm(list(inputs), desc="segmenting", unit="image"):
+  inputs = list(inputs)
+  for path in console.bar(inputs, len(inputs), "segmenting", "image"):
     try:
       image = load_image(path)
     except DataError as e:
       skipped.append(str(e))
+      logging.info("skipped: %s", e)
       continue
+    started = time.time()
     labels = predictor.predict(image)
+    logging.info("%s: %dx%d in %.2f s", path, image.shape[0], image.shape[1], time.time() - started)
     save_label_png(labels, output / f"{path.stem}.png", colors)
     with (output / f"{path.stem}_overlay.jpg").open("wb") as f:
       Image.fromarray(overlay(image, labels, alpha, colors)).save(f, format="JPEG", quality=90)
@@ -398,7 +404,12 @@ def main(argv):
   from deeplab_jax import runtime
   del argv
   FLAGS = flags.FLAGS
-  predictor, written, skipped = runtime.run_command(lambda: _segment_command(FLAGS))
+
+  def run():
+    console.setup(FLAGS.verbosity)  # details to OUTPUT/infer.log; --verbosity=1 shows them live
+    return _segment_command(FLAGS)
+
+  predictor, written, skipped = runtime.run_command(run)
   for reason in skipped:
     print(f"deeplab_jax: skipped: {reason}", file=sys.stderr)
   shapes = sorted(predictor.compiled_shapes)

@@ -56,6 +56,13 @@ def test_infer_evaluate_and_export_work_on_a_default_workdir(trained_workdir, tm
   assert results["evaluate"][1].strip().splitlines()[-1].startswith("deeplab_jax: mean IoU ")
   assert "depthwise convs as 'shift'" in results["export"][1]
   assert (workdir / "eval").is_dir()
+  # Each console: one result line (and infer's bar on a terminal only); the details in a log file.
+  for name, log in (("infer", tmp_path / "labels" / "infer.log"), ("export", tmp_path / "savedmodel" /
+                    "export.log"), ("evaluate", workdir / "eval" / "evaluate.log")):
+    code, out, err = results[name]
+    assert len((out + err).strip().splitlines()) == 1, (name, out, err)
+    assert log.read_text().startswith("--- "), name
+  assert "per class: {'background'" in (workdir / "eval" / "evaluate.log").read_text()
 
   # The SavedModel (any size up to the eval crop, 129) gives the predictor's labels: images of 66-129
   # px pad to 129 in both, so the two see the same input. They are two compilations (TensorFlow's

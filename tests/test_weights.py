@@ -151,6 +151,8 @@ def test_convert_command_then_a_six_class_run_from_a_21_class_model_and_resume_w
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   assert summary["backbone"] == "mobilenet_v2" and summary["head"]["num_classes"] == 21
   assert summary["trainable_values"] == fw.trainable_values(shapes) and summary["ignored"] == 4
+  assert "] " not in result.stderr, result.stderr  # no absl detail lines: they go to its log
+  assert "; left out: [" in (converted / "convert.log").read_text()
 
   workdir = tmp_path / "work"
   args = ["deeplab_jax.main", "--config=configs/shapes.py", f"--workdir={workdir}",

@@ -15,6 +15,7 @@ from absl import logging
 from etils import epath
 import numpy as np
 
+from deeplab_jax import console
 from deeplab_jax.datasets import ade20k, cityscapes, folder, manual, shapes, voc  # noqa: F401 (registers)
 from deeplab_jax.errors import ConfigError, DataError
 
@@ -140,6 +141,7 @@ def prepare(name: str, manual_dir: str | None, data_dir: str | None, **builder_k
       if path.exists():
         path.rmtree()
     raise
+  console.open_log(builder.data_dir, "prepare.log")  # once built: a failed build leaves nothing
   return {split: info.num_examples for split, info in builder.info.splits.items()}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from deeplab_jax import datasets, runtime
+from deeplab_jax import console, datasets, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("manual_dir", None, "Folder holding the downloaded archives (or their contents).")
@@ -25,9 +25,13 @@ flags.DEFINE_integer("ignore_label", 255, "folder_segmentation only: the mask va
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError(f"give one data set name: {', '.join(sorted(datasets.DATASETS))}")
-  sizes = runtime.run_command(lambda: datasets.prepare(
-      argv[1], FLAGS.manual_dir, FLAGS.data_dir, num_classes=FLAGS.num_classes,
-      ignore_label=FLAGS.ignore_label), compile_cache=False)
+
+  def run():
+    console.setup(FLAGS.verbosity)  # details to <data dir>/<name>/.../prepare.log; --verbosity=1: live
+    return datasets.prepare(argv[1], FLAGS.manual_dir, FLAGS.data_dir, num_classes=FLAGS.num_classes,
+                            ignore_label=FLAGS.ignore_label)
+
+  sizes = runtime.run_command(run, compile_cache=False)
   splits = ", ".join(f"{split} {count:,}" for split, count in sorted(sizes.items()))
   print(f"deeplab_jax: prepared {argv[1]} in {FLAGS.data_dir or 'the TFDS default data dir'}: {splits}")
 

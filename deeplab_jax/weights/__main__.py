@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import app, flags, logging
 
-from deeplab_jax import runtime
+from deeplab_jax import console, runtime
 
 flags.DEFINE_enum("from", None, ["timm", "tf_deeplab"], "The source's format.")
 flags.DEFINE_string("arch", None, "timm: xception41|65|71, resnet50|101, mobilenetv2_100 ...; "
@@ -38,10 +38,13 @@ def main(argv):
 
   def run():
     from deeplab_jax.weights import convert
+    console.setup(FLAGS.verbosity)  # details to OUTPUT/convert.log; --verbosity=1 shows them live
     convert.check_output(FLAGS.output)
     tree, info = convert.convert(source_format, FLAGS.arch, FLAGS.input)
     output = convert.save(FLAGS.output, tree, info)
+    console.open_log(output, "convert.log")  # once the weights are whole: a failure writes nothing
     report = info["report"]
+    logging.info("converted %s from %s; left out: %s", info["arch"], FLAGS.input, report["ignored"])
     head = info["head"]
     print(f"converted {report['tensors']} tensors ({report['trainable_values']:,} trainable values "
           f"and {report['values'] - report['trainable_values']:,} BatchNorm statistics) of "
