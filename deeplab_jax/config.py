@@ -15,6 +15,7 @@ BACKBONE_NAMES = ("xception_41", "xception_65", "xception_71", "resnet_50_beta",
 OUTPUT_STRIDES = (8, 16, 32)
 DTYPES = ("float32", "bfloat16")
 DEPTHWISE_IMPLS = ("auto", "grouped", "shift", "native")
+STRIDED_PADDINGS = ("fixed", "same")
 PARAM_SHARDINGS = ("replicated", "fsdp")
 OPTIMIZERS = ("sgd", "adam")
 INIT_FORMATS = ("orbax", "timm", "tf_deeplab")
@@ -53,6 +54,10 @@ def default_config() -> ml_collections.ConfigDict:
   # BatchNorm moving-average decay for every layer; None keeps each network's own (0.9997 Xception,
   # MobileNetV2 and heads; 0.95 ResNet), which suits long fine-tuning runs.
   config.model.bn_momentum = config_dict.placeholder(float)
+  # How strided convs pad: "fixed", the official fixed_padding rule (Xception, ResNet, timm's and
+  # PyTorch's weights); "same", TF SAME (official TF MobileNetV2 weights, ImageNet and model zoo:
+  # 0 before and 1 after a 3x3 stride-2 conv on an even size). Converted weights record which.
+  config.model.strided_padding = "fixed"
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "voc2012_segmentation"  # a TFDS name; see deeplab_jax.datasets
@@ -174,6 +179,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.get("depthwise_impl", "auto") not in DEPTHWISE_IMPLS:
     raise ConfigError(f"config.model.depthwise_impl={m.depthwise_impl!r}: choose one of "
                       f"{', '.join(DEPTHWISE_IMPLS)}")
+  if m.get("strided_padding", "fixed") not in STRIDED_PADDINGS:
+    raise ConfigError(f"config.model.strided_padding={m.strided_padding!r}: choose one of "
+                      f"{', '.join(STRIDED_PADDINGS)} (official TF MobileNetV2 weights: same)")
   if m.get("bn_momentum") is not None and not 0 <= m.bn_momentum < 1:
     raise ConfigError(f"config.model.bn_momentum={m.bn_momentum} must be in [0, 1) or None")
   if int(config.dataset.num_classes) < 1:

@@ -2,6 +2,12 @@
 
   python -m deeplab_jax.evaluate --config=configs/voc_xception.py --workdir=DIR \\
       [--step=N --scales=0.5,0.75,1.0,1.25,1.5,1.75 --flip --output_stride=8]
+  python -m deeplab_jax.evaluate --config=configs/voc_xception.py --config.dataset.data_dir=DATA \\
+      --weights=deeplabv3_pascal_train_aug_2018_01_04.tar.gz --output_stride=8 --flip \\
+      --scales=0.5,0.75,1.0,1.25,1.5,1.75
+
+With --weights (pretrained weights in any form `infer.Predictor.from_pretrained` reads) the network
+comes from the weights and the data from --config; results are written only with --output.
 
 Each validation image is predicted at its own size by `infer.Predictor` (eval output stride,
 multi-scale inputs, left-right flip, sliding window beyond the eval crop); the confusion matrix and
@@ -35,17 +41,22 @@ def strategy_name(predictor: infer.Predictor) -> str:
   return f"os{predictor.output_stride}_scales{scales}" + ("_flip" if predictor.flip else "")
 
 
-def evaluate(config, workdir, step: int | None = None, **options) -> dict:
+def evaluate(config, workdir=None, step: int | None = None, *, predictor=None, log_dir=None,
+             **options) -> dict:
   """{"mean_iou", "per_class_iou", "pixel_accuracy", "confusion_matrix", "step", "strategy"} over
-  the config's eval split; `options` go to `infer.Predictor` (scales, flip, output_stride)."""
-  predictor = infer.Predictor.from_workdir(workdir, step, config=config, **options)
+  the config's eval split, of `predictor` or of the checkpoint in `workdir`; `options` go to
+  `infer.Predictor` (scales, flip, output_stride). The log goes to `log_dir` (default WORKDIR/eval)."""
+  if predictor is None:
+    predictor = infer.Predictor.from_workdir(workdir, step, config=config, **options)
   builder = input_pipeline.load_builder(config)
   num_classes, ignore = int(config.dataset.num_classes), int(config.dataset.ignore_label)
   total = np.zeros((num_classes, num_classes), np.int64)
   count = 0
   examples = input_pipeline.as_numpy(input_pipeline.eval_examples(builder, config), builder,
                                      config.dataset.eval_split)
-  console.open_log(epath.Path(workdir) / "eval", "evaluate.log")  # after the checks: none writes
+  log_dir = log_dir or (workdir and epath.Path(workdir) / "eval")
+  if log_dir:
+    console.open_log(log_dir, "evaluate.log")  # after the checks: a failed one writes nothing
   split = builder.info.splits.get(config.dataset.eval_split)  # None for a sliced split ("val[:8]")
   for example in console.bar(examples, split and -(-split.num_examples // jax.process_count()),
                              "evaluating", "image"):
@@ -70,8 +81,11 @@ def evaluate(config, workdir, step: int | None = None, **options) -> dict:
   return results
 
 
-def write_results(workdir, results: dict, split: str) -> epath.Path:
-  path = epath.Path(workdir) / "eval" / f"{results['step']}_{split}_{results['strategy']}.json"
+def write_results(workdir, results: dict, split: str, folder=None) -> epath.Path:
+  """WORKDIR/eval/<step>_<split>_<strategy>.json, or that name in `folder`."""
+  folder = epath.Path(folder) if folder else epath.Path(workdir) / "eval"
+  step = results["step"] if results["step"] is not None else "pretrained"
+  path = folder / f"{step}_{split}_{results['strategy']}.json"
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {k: v for k, v in results.items() if k != "confusion_matrix"}
@@ -82,28 +96,36 @@ def write_results(workdir, results: dict, split: str) -> epath.Path:
 
 def _define_flags():
   from ml_collections import config_flags
-  flags.DEFINE_string("workdir", None, "The training workdir whose checkpoint to evaluate.")
-  config_flags.DEFINE_config_file("config", None, "The config it was trained with (data, model).")
+  infer.define_source_flags()
+  config_flags.DEFINE_config_file("config", None, "The config it was trained with (data, model); with "
+                                  "--weights, the data to evaluate on.")
+  flags.DEFINE_string("output", None, "Folder for the results JSON and evaluate.log (default: "
+                      "WORKDIR/eval; with --weights, nothing is written without it).")
   infer.define_strategy_flags()
   distributed.define_flags()
-  flags.mark_flags_as_required(["workdir", "config"])
+  flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
+  infer.check_source_flags(FLAGS)
 
   def run():
     console.setup(FLAGS.verbosity)  # details to WORKDIR/eval/evaluate.log; --verbosity=1: live
     distributed.initialize_from_flags()
-    results = evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step, **infer.strategy_options(FLAGS))
-    path = write_results(FLAGS.workdir, results, FLAGS.config.dataset.eval_split)
+    predictor = infer.predictor_from_flags(FLAGS, config=FLAGS.config, **infer.strategy_options(FLAGS))
+    results = evaluate(FLAGS.config, FLAGS.workdir, predictor=predictor, log_dir=FLAGS.output)
+    path = None
+    if FLAGS.workdir or FLAGS.output:
+      path = write_results(FLAGS.workdir, results, FLAGS.config.dataset.eval_split, FLAGS.output)
     logging.info("per class: %s", dict(zip(results["class_names"], results["per_class_iou"])))
     return results, path
 
   results, path = runtime.run_command(run)
-  print(f"deeplab_jax: mean IoU {results['mean_iou']:.4f} ({results['strategy']}, step "
-        f"{results['step']}, {results['images']} images; {path})")
+  source = f"step {results['step']}" if FLAGS.workdir else FLAGS.weights
+  print(f"deeplab_jax: mean IoU {results['mean_iou']:.4f} ({results['strategy']}, {source}, "
+        f"{results['images']} images" + (f"; {path})" if path else ")"))
 
 
 if __name__ == "__main__":

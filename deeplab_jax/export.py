@@ -1,6 +1,7 @@
 """Export a trained DeepLab as a TensorFlow SavedModel (jax2tf), for TF Serving and TF users.
 
   python -m deeplab_jax.export --workdir=/tmp/deeplab_shapes --output=/tmp/deeplab_shapes_savedmodel
+  python -m deeplab_jax.export --weights=deeplabv3_pascal_train_aug_2018_01_04.tar.gz --output=/tmp/voc
 
 The `serving_default` signature takes `images`, a uint8 batch (B, H, W, 3) of any batch size and any
 H, W up to the eval crop, and returns `labels`, uint8 (B, H, W) class ids. Inside, the batch is padded
@@ -73,28 +74,28 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  flags.DEFINE_string("workdir", None, "The training workdir to export (latest checkpoint).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  infer.define_source_flags()
   flags.DEFINE_string("output", None, "SavedModel directory to write.")
   flags.DEFINE_integer("output_stride", None, "Eval output stride (8, 16, 32; default: the config's).")
   flags.DEFINE_enum("depthwise_impl", "shift", PORTABLE_DEPTHWISE,
                     "How the depthwise convs are serialized: shift (fast on CPU) or grouped.")
-  flags.mark_flags_as_required(["workdir", "output"])
+  flags.mark_flags_as_required(["output"])
 
 
 def main(argv):
   del argv
+  infer.check_source_flags(FLAGS)
 
   def run():
     console.setup(FLAGS.verbosity)  # details to OUTPUT/export.log; --verbosity=1 shows them live
-    predictor = infer.Predictor.from_workdir(FLAGS.workdir, FLAGS.step,
-                                             output_stride=FLAGS.output_stride)
+    predictor = infer.predictor_from_flags(FLAGS, output_stride=FLAGS.output_stride)
     path = export(predictor, FLAGS.output, FLAGS.depthwise_impl)
     console.open_log(path, "export.log")  # once the SavedModel is whole: a failed export writes nothing
     return predictor, path
 
   predictor, path = runtime.run_command(run)
-  print(f"deeplab_jax: exported step {predictor.step} (output stride {predictor.output_stride}, "
+  source = f"step {predictor.step}" if FLAGS.workdir else FLAGS.weights
+  print(f"deeplab_jax: exported {source} (output stride {predictor.output_stride}, "
         f"images up to {predictor.window[0]}x{predictor.window[1]}, depthwise convs as "
         f"{FLAGS.depthwise_impl!r}: portable StableHLO) to {path}")
 

@@ -143,6 +143,7 @@ class Predictor:
     self.bucket, self.overlap = int(bucket), float(overlap)
     self.window = tuple(int(v) for v in (window or config.eval.crop_size))
     self.class_names = datasets.class_names(config.dataset.name, self.num_classes)
+    self.palette = palette_name(config.dataset.name)  # for `overlay` and `colorize`
     self.model = create_model(config, output_stride=self.output_stride)
     device = jax.local_devices()[0]
     self.variables = jax.device_put({"params": variables["params"],
@@ -150,6 +151,7 @@ class Predictor:
     self._apply = functools.partial(_forward, self.model)
     self.compiled_shapes: set[tuple[int, int]] = set()
     self.step: int | None = None  # the checkpoint's step, when restored from one
+    self.source: str | None = None  # what it was read from
 
   # Construction from training output.
 
@@ -173,7 +175,22 @@ class Predictor:
       raise CheckpointError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
     variables, step = _restore_variables(manager, step, config)
     predictor = cls(config, variables, **options)
-    predictor.step = step
+    predictor.step, predictor.source = step, str(workdir)
+    return predictor
+
+  @classmethod
+  def from_pretrained(cls, path, *, dataset: str | None = None, config=None, **options) -> "Predictor":
+    """A trained DeepLab from its weights alone: a folder written by `weights convert`, an official
+    checkpoint prefix (DIR/model.ckpt), an extracted model-zoo folder or the zoo's .tar.gz, local or
+    gs://. The network comes from the weights; class names, palette and eval crop from the class
+    count (21 VOC, 19 Cityscapes, 151 ADE20K), or `dataset`; `config` (optional) gives the data set
+    and eval fields instead. The zoo's figures need its eval options, e.g. for VOC models
+    `output_stride=8, scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True`."""
+    from deeplab_jax.weights import pretrained
+    config, variables, info = pretrained.load(path, dataset=dataset, config=config)
+    predictor = cls(config, variables, **options)
+    predictor.source = str(path)
+    logging.info("weights from %s: %s", path, {k: v for k, v in info.items() if k != "report"})
     return predictor
 
   @classmethod
@@ -322,10 +339,35 @@ def image_files(path) -> Iterable[epath.Path]:
 
 # --- command line ----------------------------------------------------------------------------------
 
-def define_strategy_flags():
-  """--step, --scales, --flip, --output_stride: shared by the infer and evaluate commands."""
+def define_source_flags():
+  """--workdir or --weights (and --step): where the infer, evaluate and export commands read a model."""
   from absl import flags
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
+  flags.DEFINE_string("weights", None, "Pretrained weights instead of a workdir: a folder written by "
+                      "weights convert, a TF checkpoint prefix (DIR/model.ckpt), a model-zoo folder or "
+                      "its .tar.gz; local or gs://.")
+  flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
+
+
+def check_source_flags(flag_values) -> None:
+  """One of --workdir and --weights; --step only with --workdir (absl's UsageError: one line)."""
+  from absl import app
+  if bool(flag_values.workdir) == bool(flag_values.weights):
+    raise app.UsageError("give --workdir (a training run) or --weights (pretrained weights), "
+                         + ("not both" if flag_values.workdir else "one of them"))
+  if flag_values.weights and flag_values.step is not None:
+    raise app.UsageError("--step picks a checkpoint of --workdir; --weights has one set of weights")
+
+
+def predictor_from_flags(flag_values, config=None, **options) -> "Predictor":
+  if flag_values.weights:
+    return Predictor.from_pretrained(flag_values.weights, config=config, **options)
+  return Predictor.from_workdir(flag_values.workdir, flag_values.step, config=config, **options)
+
+
+def define_strategy_flags():
+  """--scales, --flip, --output_stride: shared by the infer and evaluate commands."""
+  from absl import flags
   flags.DEFINE_list("scales", ["1.0"], "Input scales to average (VOC: 0.5,0.75,1.0,1.25,1.5,1.75).")
   flags.DEFINE_bool("flip", False, "Also average the left-right flipped input.")
   flags.DEFINE_integer("output_stride", None, "Eval output stride (8, 16, 32; default: the config's).")
@@ -339,12 +381,12 @@ def strategy_options(flag_values) -> dict:
 
 def _define_flags():
   from absl import flags
-  flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
+  define_source_flags()
   flags.DEFINE_string("input", None, "An image file or a folder of images.")
   flags.DEFINE_string("output", None, "Folder for <name>.png label maps and <name>_overlay.jpg.")
   flags.DEFINE_float("alpha", 0.5, "Label weight in the overlays.")
   define_strategy_flags()
-  flags.mark_flags_as_required(["workdir", "input", "output"])
+  flags.mark_flags_as_required(["input", "output"])
 
 
 def palette_name(dataset_name: str) -> str:
@@ -393,8 +435,7 @@ def _segment_command(flag_values) -> tuple[Predictor, int, list[str]]:
   inputs = image_files(flag_values.input)
   if not inputs:
     raise DataError(f"--input={flag_values.input} holds no .jpg/.png/... images")
-  predictor = Predictor.from_workdir(flag_values.workdir, flag_values.step,
-                                     **strategy_options(flag_values))
+  predictor = predictor_from_flags(flag_values, **strategy_options(flag_values))
   return (predictor, *segment_folder(predictor, inputs, flag_values.output, flag_values.alpha))
 
 
@@ -404,6 +445,7 @@ def main(argv):
   from deeplab_jax import runtime
   del argv
   FLAGS = flags.FLAGS
+  check_source_flags(FLAGS)
 
   def run():
     console.setup(FLAGS.verbosity)  # details to OUTPUT/infer.log; --verbosity=1 shows them live

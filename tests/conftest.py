@@ -310,3 +310,25 @@ def pytest_collection_modifyitems(config, items):
     return next((k for k, prefix in enumerate(LONGEST_FIRST) if name.startswith(prefix)),
                 len(LONGEST_FIRST))
   items.sort(key=rank)
+
+
+@pytest.fixture(scope="session")
+def zoo_tarball(tmp_path_factory):
+  """An official model-zoo tarball in the zoo's layout and names (one folder holding model.ckpt.index,
+  model.ckpt.data-00000-of-00001 and frozen_inference_graph.pb): MobileNetV2 (0.5 wide, to stay small)
+  DeepLabv3 with the zoo MobileNetV2's head (image pooling and 1x1 branches, no decoder), 21 classes.
+  Returns (the .tar.gz, its extracted folder, the tensors by official name)."""
+  import tarfile
+  import fake_weights as fw
+  root = tmp_path_factory.mktemp("zoo")
+  backbone, low_level, features = fw.mobilenet_v2(0.5)
+  shapes = {**backbone, **fw.deeplab_head(features, low_level, num_classes=21, rates=0, decoder=False)}
+  values = fw.signal_values(shapes, seed=2)
+  folder = root / "deeplabv3_mnv2_pascal_train_aug"
+  folder.mkdir()
+  fw.write_tf_checkpoint(folder / "model.ckpt", values)
+  (folder / "frozen_inference_graph.pb").write_bytes(b"\0" * 64)  # not read: the checkpoint is
+  tarball = root / "deeplabv3_mnv2_pascal_train_aug_2018_01_29.tar.gz"
+  with tarfile.open(tarball, "w:gz") as archive:
+    archive.add(folder, arcname=folder.name)
+  return tarball, folder, values

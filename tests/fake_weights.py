@@ -143,6 +143,20 @@ def random_values(shapes: dict[str, tuple], seed=0) -> dict[str, np.ndarray]:
           for n, s in shapes.items()}
 
 
+def signal_values(shapes: dict[str, tuple], seed=0) -> dict[str, np.ndarray]:
+  """`random_values` whose features depend on the input: N(0, 0.05) kernels and gammas shrink the
+  signal layer by layer until a deep network's features are BatchNorm's constants whatever the input
+  (padding included). Kernels get He scale, gammas 1 + their draw."""
+  values = random_values(shapes, seed)
+  for name, value in values.items():
+    if name.endswith("weights"):  # conv (kh, kw, in, out) or depthwise (kh, kw, C, 1): fan-in
+      fan_in = np.prod(value.shape[:2]) * (1 if name.endswith("depthwise_weights") else value.shape[2])
+      values[name] = (value / 0.05 * np.sqrt(2 / fan_in)).astype(np.float32)
+    elif name.endswith("gamma"):
+      values[name] = 1 + value
+  return values
+
+
 def write_tf_checkpoint(prefix, values: dict[str, np.ndarray], training_state=True) -> None:
   """A TF1 name-based checkpoint (prefix.index + prefix.data-00000-of-00001), as tf.train.Saver
   writes it, plus what a training run leaves beside the model: global_step and Momentum slots."""

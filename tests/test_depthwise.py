@@ -42,6 +42,31 @@ def test_float32_output_and_gradients_equal_the_reference(impl, stride, rate):
     assert relative_error(got, ref) < 1e-5, (name, relative_error(got, ref))
 
 
+@pytest.mark.parametrize("stride,rate", [(2, 1), (2, 2), (1, 2)])
+@pytest.mark.parametrize("impl", ("grouped",) + FAST)
+def test_tf_same_padding_equals_xla_same_on_even_and_odd_sizes(impl, stride, rate):
+  """strided_padding="same" (official TF MobileNetV2) against XLA's own "SAME" conv: at stride 2,
+  0 before and 1 after on the even width (26), 1 and 1 on the odd height (23)."""
+  x, kernel = inputs(stride, rate, jnp.float32)
+
+  def same(x, k):
+    return jax.lax.conv_general_dilated(x, k, (stride, stride), "SAME", rhs_dilation=(rate, rate),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=x.shape[-1])
+
+  y, vjp = jax.vjp(same, x, kernel)
+  g = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), y.dtype)
+  reference = (y,) + vjp(g)
+  with layers.layer_options(layers.LayerOptions(strided_padding="same")):
+    got = output_and_grads(impl, x, kernel, stride, rate)
+  for name, a, b in zip(("y", "dx", "dk"), got, reference):
+    assert a.shape == b.shape, name
+    assert relative_error(a, b) < 1e-5, (name, relative_error(a, b))
+  if stride == 2:  # and the fixed rule is another grid on the even side
+    fixed = output_and_grads(impl, x, kernel, stride, rate)[0]
+    assert relative_error(fixed, y) > 0.1
+
+
 @pytest.mark.parametrize("stride,rate", [(1, 1), (1, 6), (2, 1)])
 @pytest.mark.parametrize("impl", FAST)
 def test_bfloat16_output_and_gradients_match_the_reference(impl, stride, rate):

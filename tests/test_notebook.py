@@ -34,18 +34,21 @@ def test_only_the_install_cell_has_shell_or_magic_lines():
   assert special == [0], "the test skips ! and % lines; keep them to the install cell"
 
 
-def test_quickstart_notebook_loads_a_workdir_predicts_and_shows_the_overlay(step_facts, monkeypatch,
-                                                                             tmp_path):
+def test_quickstart_notebook_loads_a_workdir_predicts_and_shows_the_overlay(step_facts, zoo_tarball,
+                                                                             monkeypatch, tmp_path):
   # A finished workdir (the 8-device test run's checkpoint) stands in for training: training is
-  # tested by test_train; this test is about the notebook's code, in seconds.
+  # tested by test_train; this test is about the notebook's code, in seconds. The pretrained path
+  # reads a model-zoo tarball as downloaded.
   monkeypatch.setenv("DEEPLAB_WORKDIR", str(step_facts["workdir"]))
+  monkeypatch.setenv("DEEPLAB_PRETRAINED", str(zoo_tarball[0]))
   monkeypatch.chdir(REPO)
   namespace, shown = run_notebook(NOTEBOOK)
+  assert namespace["zoo"].class_names[0] == "background" and namespace["zoo_labels"].shape == (120, 150)
   image, labels = namespace["image"], namespace["labels"]
   assert labels.shape == image.shape[:2] == (120, 150)
   assert namespace["predictor"].step == 2
   overlays = [v for v in shown if isinstance(v, Image.Image)]
-  assert len(overlays) == 1 and overlays[0].size == (2 * 3 * 150, 2 * 120)
+  assert [o.size for o in overlays] == [(2 * 150, 120), (2 * 3 * 150, 2 * 120)]
   assert namespace["probs"].shape == (120, 150, namespace["predictor"].num_classes)
   # That workdir was not written by train_and_evaluate: the curve and example cells say so, and show a
   # run's pictures where they exist.

@@ -99,7 +99,8 @@ def test_imagenet_backbone_checkpoints_convert_and_leave_their_classifiers(tmp_p
   shapes, _, _ = fw.mobilenet_v2(1.0, imagenet_classes=1001)
   fw.write_tf_checkpoint(tmp_path / "mb" / "model.ckpt", fw.random_values(shapes), training_state=False)
   tree, info = convert.convert("tf_deeplab", "mobilenet_v2", tmp_path / "mb" / "model.ckpt")
-  assert (info["backbone"], info["depth_multiplier"]) == ("mobilenet_v2", 1.0)
+  assert (info["backbone"], info["depth_multiplier"], info["strided_padding"]) == ("mobilenet_v2", 1.0,
+                                                                                  "same")
   assert info["report"]["trainable_values"] == fw.trainable_values(shapes) - 1280 * 1001 - 1001 - (
       320 * 1280 + 2 * 1280)  # all but Conv_1 (1x1 to 1280, BN) and the classifier
   assert "MobilenetV2/Logits/Conv2d_1c_1x1/weights" in info["report"]["ignored"]
@@ -154,10 +155,18 @@ def test_convert_command_then_a_six_class_run_from_a_21_class_model_and_resume_w
   assert "] " not in result.stderr, result.stderr  # no absl detail lines: they go to its log
   assert "; left out: [" in (converted / "convert.log").read_text()
 
+  # Official TF MobileNetV2 weights pad as TF SAME: the printed flags say so, and a run without that
+  # flag is refused in one line before anything is written.
+  assert "--config.model.strided_padding=same" in result.stdout
+  assert json.loads((converted / "weights.json").read_text())["strided_padding"] == "same"
   workdir = tmp_path / "work"
   args = ["deeplab_jax.main", "--config=configs/shapes.py", f"--workdir={workdir}",
           f"--config.dataset.data_dir={tiny_data_dir}", "--config.train.steps=2", *TINY_FLAGS,
           f"--config.init_from.path={converted}", "--config.init_from.scope=all"]
+  refused = run_module(args, env=compile_cache_env)
+  assert refused.returncode != 0 and not workdir.exists()
+  assert refused.stderr.strip().splitlines()[-1].endswith("add --config.model.strided_padding=same")
+  args.append("--config.model.strided_padding=same")
   result = run_module(args, env=compile_cache_env)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((workdir / init_from.REPORT_FILE).read_text())

@@ -41,6 +41,7 @@ def create_model(config, output_stride: int | None = None, *, platform: str | No
       bn_momentum=None if m.get("bn_momentum") is None else float(m.bn_momentum),
       remat=bool(m.get("remat", False)),
       platform=platform,
+      strided_padding=m.get("strided_padding", "fixed"),  # workdirs written before it: "fixed"
   )
 
 

@@ -47,11 +47,12 @@ class DeepLab(nn.Module):
   bn_momentum: Optional[float] = None  # None: each network's own (SPEC); see layers.LayerOptions
   remat: bool = False  # recompute backbone units in the backward pass; see layers.backbone_unit
   platform: Optional[str] = None  # the backend the program is for; see layers.LayerOptions
+  strided_padding: str = "fixed"  # "same": TF SAME on strided convs; see layers.LayerOptions
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     with layers.layer_options(layers.LayerOptions(self.depthwise_impl, self.bn_momentum, self.remat,
-                                                  self.platform)):
+                                                  self.platform, self.strided_padding)):
       x = (images.astype(jnp.float32) * (2.0 / 255.0) - 1.0).astype(self.dtype)
       bn_train = train and not self.freeze_bn
       features, low_level = make_backbone(self.backbone, self.output_stride, self.multi_grid,

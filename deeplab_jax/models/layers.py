@@ -55,7 +55,7 @@ def conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1, groups: int 
   """
   kh, kw, cin, _ = kernel.shape
   rates = (rate, rate) if kh > 1 or kw > 1 else (1, 1)
-  padding = (explicit_padding(kh, rates[0]), explicit_padding(kw, rates[1]))
+  padding = _padding(x, kh, kw, stride, rates[0])
   narrow = kh * kw * cin <= IM2COL_MAX_DEPTH and target_platform() in PATCH_MATMUL_PLATFORMS
   if groups == 1 and (kh == kw == 1 or narrow):
     return _patch_matmul(x, kernel, stride, rates, padding)
@@ -82,7 +82,16 @@ def _patch_matmul(x: Array, kernel: Array, stride: int, rates, padding) -> Array
   return y.reshape(n, oh, ow, cout)
 
 
+def _padding(x: Array, kh: int, kw: int, stride: int, rate: int) -> depthwise_lib.Padding:
+  """The official fixed_padding, or TF SAME on strided convs (LayerOptions.strided_padding)."""
+  if stride > 1 and _options.get().strided_padding == "same":
+    return (depthwise_lib.same_padding(x.shape[1], kh, stride, rate),
+            depthwise_lib.same_padding(x.shape[2], kw, stride, rate))
+  return explicit_padding(kh, rate), explicit_padding(kw, rate)
+
+
 DEPTHWISE_IMPLS = ("grouped",) + tuple(depthwise_lib.IMPLS)
+STRIDED_PADDINGS = ("fixed", "same")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +101,16 @@ class LayerOptions:
   depthwise_impl: see `depthwise_conv2d`. bn_momentum: overrides every network's own BatchNorm decay
   (short runs from scratch need a faster one than the paper's 0.9997). remat: see `backbone_unit`.
   platform: the backend the program is for (None: this process's), which may differ from the one
-  tracing it when compiling ahead of time for a TPU on a CPU (deeplab_jax.aot).
+  tracing it when compiling ahead of time for a TPU on a CPU (deeplab_jax.aot). strided_padding:
+  "fixed" pads every conv by the official fixed_padding rule (Xception, ResNet; PyTorch's symmetric
+  padding); "same" pads strided convs as TF SAME does (0 before and 1 after a 3x3 stride-2 conv on
+  an even size), as the official slim MobileNetV2 was trained.
   """
   depthwise_impl: str = "grouped"
   bn_momentum: Optional[float] = None
   remat: bool = False
   platform: Optional[str] = None
+  strided_padding: str = "fixed"
 
 
 _options: contextvars.ContextVar[LayerOptions] = contextvars.ContextVar("layer_options",
@@ -113,6 +126,9 @@ def layer_options(options: LayerOptions):
   if options.depthwise_impl not in DEPTHWISE_IMPLS:
     raise ValueError(f"depthwise implementation {options.depthwise_impl!r}: choose one of "
                      f"{', '.join(DEPTHWISE_IMPLS)}")
+  if options.strided_padding not in STRIDED_PADDINGS:
+    raise ValueError(f"strided padding {options.strided_padding!r}: choose one of "
+                     f"{', '.join(STRIDED_PADDINGS)}")
   token = _options.set(options)
   try:
     yield
@@ -153,7 +169,8 @@ def depthwise_conv2d(x: Array, kernel: Array, stride: int = 1, rate: int = 1,
     raise ValueError(f"depthwise implementation {impl!r}: choose one of {', '.join(DEPTHWISE_IMPLS)}")
   if impl == "native" and target_platform() != "cpu":  # the kernel is a CPU library
     impl = "shift"
-  return depthwise_lib.IMPLS[impl](x, kernel, stride, rate)
+  padding = _padding(x, *kernel.shape[:2], stride, rate)
+  return depthwise_lib.IMPLS[impl](x, kernel, stride, rate, padding)
 
 
 RESIZE_SCOPE = "align_corners_resize"

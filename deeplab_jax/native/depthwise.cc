@@ -2,7 +2,7 @@
 //
 // Why: XLA:CPU lowers feature_group_count convolutions to a slow generic loop (PERF_NOTES.md), and
 // DeepLabv3+ is mostly atrous depthwise convs. Layout NHWC, float32, kernel (KH, KW, C); the padding
-// (pad_top, pad_left) is the official fixed_padding rule, the far side implied by the output size.
+// (pad_top, pad_left): the official fixed_padding rule or TF SAME; the far side is implied by the output size.
 // Work is split over (image, row) on XLA's intra-op thread pool; the channel loop vectorises.
 // Every result is a function of its inputs only (fixed chunking, ordered reduction): runs repeat.
 #include <algorithm>

@@ -75,7 +75,7 @@ def _convert_timm(arch: str, path) -> tuple[dict, dict]:
   tree, report = mapping.convert(source, shapes, timm.FORMAT, timm.names_for(backbone),
                                  f"{path} (timm {arch})")
   info = {"source_format": "timm", "arch": arch, "source": str(path), "backbone": backbone,
-          "depth_multiplier": multiplier, "head": None, "report": report}
+          "depth_multiplier": multiplier, "head": None, "strided_padding": "fixed", "report": report}
   return tree, info
 
 
@@ -104,6 +104,7 @@ def _convert_tf(arch: str | None, path) -> tuple[dict, dict]:
   info = {"source_format": "tf_deeplab", "arch": detected["scope"], "source": str(path),
           "backbone": backbone, "depth_multiplier": detected["depth_multiplier"], "head": head,
           "report": report}
+  info["strided_padding"] = strided_padding(info)
   return tree, info
 
 
@@ -153,11 +154,24 @@ def load_converted(path) -> tuple[dict, dict]:
   return mapping.flatten(tree), info
 
 
+def strided_padding(info: dict) -> str:
+  """How the network the weights came from padded its strided convs: slim's MobileNetV2 (TF's
+  ImageNet and DeepLab model-zoo checkpoints) as TF SAME; slim's Xception and ResNet with
+  fixed_padding, as timm's and PyTorch's networks do. Folders converted before this was recorded
+  get it from their source format and backbone."""
+  if info.get("strided_padding"):
+    return info["strided_padding"]
+  official_mobilenet = info.get("source_format") == "tf_deeplab" and info.get("backbone") == "mobilenet_v2"
+  return "same" if official_mobilenet else "fixed"
+
+
 def config_flags(info: dict) -> str:
   """The `config.model` overrides that build the network the converted weights came from."""
   flags = [f"--config.model.backbone={info['backbone']}"]
   if info["depth_multiplier"] != 1.0:
     flags.append(f"--config.model.depth_multiplier={info['depth_multiplier']}")
+  if strided_padding(info) != "fixed":
+    flags.append(f"--config.model.strided_padding={strided_padding(info)}")
   head = info.get("head")
   if head:
     rates = config_lib.ATROUS_RATES_AT_OS16[:head["atrous_rate_count"]]

@@ -24,6 +24,7 @@ from deeplab_jax.errors import WeightsError
 from deeplab_jax.weights import convert, mapping, timm
 
 REPORT_FILE = "init_from.json"
+PADDING_NAMES = {"same": "TF SAME", "fixed": "the official fixed_padding rule"}
 
 
 def load_source(init, model_config) -> tuple[dict, dict]:
@@ -114,6 +115,13 @@ def prepare(config, abstract_variables) -> tuple[dict, dict]:
   init = config.init_from
   source, info = load_source(init, config)
   where = f"config.init_from.path={init.path}"
+  padding, wanted = config.model.get("strided_padding", "fixed"), convert.strided_padding(info)
+  if info.get("source_format") in convert.SOURCE_FORMATS and padding != wanted:
+    # The other padding shifts every stride-2 conv's grid by a pixel on even sizes: the weights
+    # would start from features they were not trained on.
+    raise WeightsError(f"{where} was trained with {wanted!r} padding on its strided convs "
+                       f"({info.get('arch')}: {PADDING_NAMES[wanted]}) but config.model.strided_padding="
+                       f"{padding!r}; add --config.model.strided_padding={wanted}")
   loaded, left, unused = plan(source, mapping.flatten(abstract_variables), init.scope, where)
   report = {"path": str(init.path), "format": init.format, "scope": init.scope,
             "source": {k: v for k, v in info.items() if k != "report"},
