@@ -62,6 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "voc2012_segmentation"  # a TFDS name; see deeplab_jax.datasets
   config.dataset.data_dir = config_dict.placeholder(str)  # TFDS data dir (local or gs://); None: default
+  # None in any of these four (configs/folder.py): what the prepared data stores (its class count and
+  # ignore label; its "train" split, and "val", "validation" or "test"), filled in when it is loaded.
   config.dataset.train_split = "train_aug"
   config.dataset.eval_split = "val"
   config.dataset.num_classes = 21
@@ -184,15 +186,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"{', '.join(STRIDED_PADDINGS)} (official TF MobileNetV2 weights: same)")
   if m.get("bn_momentum") is not None and not 0 <= m.bn_momentum < 1:
     raise ConfigError(f"config.model.bn_momentum={m.bn_momentum} must be in [0, 1) or None")
-  if int(config.dataset.num_classes) < 1:
-    raise ConfigError(f"config.dataset.num_classes={config.dataset.num_classes} must be >= 1")
+  if config.dataset.num_classes is not None and int(config.dataset.num_classes) < 1:
+    raise ConfigError(f"config.dataset.num_classes={config.dataset.num_classes} must be >= 1 (or None: "
+                      f"the data's own count)")
 
 
 def validate_training(config: ml_collections.ConfigDict) -> None:
   """`validate` plus the input, optimizer, loss, eval, checkpoint and mesh fields."""
   validate(config)
-  n_classes = int(config.dataset.num_classes)
-  if not 0 <= int(config.dataset.ignore_label) <= 255 or int(config.dataset.ignore_label) < n_classes:
+  # None: what the prepared data stores (input_pipeline.resolve_from_data fills them in).
+  n_classes = None if config.dataset.num_classes is None else int(config.dataset.num_classes)
+  ignore = config.dataset.ignore_label
+  if ignore is not None and (not 0 <= int(ignore) <= 255 or int(ignore) < (n_classes or 0)):
     raise ConfigError(f"config.dataset.ignore_label={config.dataset.ignore_label} must be in "
                       f"[num_classes, 255] (labels are uint8); DeepLab uses 255")
   _pair(config.input.crop_size, "config.input.crop_size")
@@ -229,7 +234,7 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
   loss = config.loss
   if not 0 < loss.top_k_percent <= 100:
     raise ConfigError(f"config.loss.top_k_percent={loss.top_k_percent} must be in (0, 100]")
-  if loss.class_weights is not None and len(tuple(loss.class_weights)) != n_classes:
+  if loss.class_weights is not None and n_classes and len(tuple(loss.class_weights)) != n_classes:
     raise ConfigError(f"config.loss.class_weights has {len(tuple(loss.class_weights))} entries but "
                       f"config.dataset.num_classes={n_classes}; give one weight per class")
   eval_os = config.eval.output_stride

@@ -1,13 +1,15 @@
 """Mean IoU of a checkpoint on the validation split with the paper's inference strategies (Table 3).
 
-  python -m deeplab_jax.evaluate --config=configs/voc_xception.py --workdir=DIR \\
-      [--step=N --scales=0.5,0.75,1.0,1.25,1.5,1.75 --flip --output_stride=8]
+  python -m deeplab_jax.evaluate --workdir=DIR [--step=N --scales=0.5,0.75,1.0,1.25,1.5,1.75 --flip \\
+      --output_stride=8] [--config=configs/voc_xception.py --config.dataset.data_dir=OTHER]
   python -m deeplab_jax.evaluate --config=configs/voc_xception.py --config.dataset.data_dir=DATA \\
       --weights=deeplabv3_pascal_train_aug_2018_01_04.tar.gz --output_stride=8 --flip \\
       --scales=0.5,0.75,1.0,1.25,1.5,1.75
 
-With --weights (pretrained weights in any form `infer.Predictor.from_pretrained` reads) the network
-comes from the weights and the data from --config; results are written only with --output.
+The workdir's own config.json (the run's data and model) unless --config is given, e.g. to point
+at another data dir. With --weights (pretrained weights in any form `infer.Predictor.from_pretrained`
+reads) the network comes from the weights and the data from --config; results are written only with
+--output.
 
 Each validation image is predicted at its own size by `infer.Predictor` (eval output stride,
 multi-scale inputs, left-right flip, sliding window beyond the eval crop); the confusion matrix and
@@ -23,7 +25,7 @@ if __name__ == "__main__":  # first, before jax and TensorFlow load: see allocat
 import functools
 import json
 
-from absl import flags, logging
+from absl import app, flags, logging
 from etils import epath
 import jax
 import numpy as np
@@ -97,28 +99,35 @@ def write_results(workdir, results: dict, split: str, folder=None) -> epath.Path
 def _define_flags():
   from ml_collections import config_flags
   infer.define_source_flags()
-  config_flags.DEFINE_config_file("config", None, "The config it was trained with (data, model); with "
-                                  "--weights, the data to evaluate on.")
+  config_flags.DEFINE_config_file("config", None, "Default: the workdir's config.json. With --weights, "
+                                  "the data to evaluate on.")
   flags.DEFINE_string("output", None, "Folder for the results JSON and evaluate.log (default: "
                       "WORKDIR/eval; with --weights, nothing is written without it).")
   infer.define_strategy_flags()
   distributed.define_flags()
-  flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
   infer.check_source_flags(FLAGS)
+  if FLAGS.weights and FLAGS.config is None:
+    raise app.UsageError("--weights needs --config for the data to evaluate on, e.g. "
+                         "--config=configs/voc_xception.py --config.dataset.data_dir=DATA")
 
   def run():
     console.setup(FLAGS.verbosity)  # details to WORKDIR/eval/evaluate.log; --verbosity=1: live
     distributed.initialize_from_flags()
-    predictor = infer.predictor_from_flags(FLAGS, config=FLAGS.config, **infer.strategy_options(FLAGS))
-    results = evaluate(FLAGS.config, FLAGS.workdir, predictor=predictor, log_dir=FLAGS.output)
+    config = FLAGS.config
+    if config is None:
+      config = infer.workdir_config(FLAGS.workdir)
+    else:
+      input_pipeline.load_builder(config)  # fills in what the config leaves to the data (folder.py)
+    predictor = infer.predictor_from_flags(FLAGS, config=config, **infer.strategy_options(FLAGS))
+    results = evaluate(config, FLAGS.workdir, predictor=predictor, log_dir=FLAGS.output)
     path = None
     if FLAGS.workdir or FLAGS.output:
-      path = write_results(FLAGS.workdir, results, FLAGS.config.dataset.eval_split, FLAGS.output)
+      path = write_results(FLAGS.workdir, results, config.dataset.eval_split, FLAGS.output)
     logging.info("per class: %s", dict(zip(results["class_names"], results["per_class_iou"])))
     return results, path
 

@@ -110,6 +110,15 @@ def _window_starts(dim: int, window: int, stride: int) -> list[int]:
   return starts + [dim - window]
 
 
+def workdir_config(workdir) -> ml_collections.ConfigDict:
+  """The config a training run wrote beside its checkpoints (with what it took from the data)."""
+  config_path = epath.Path(workdir) / "config.json"
+  if not config_path.exists():
+    raise CheckpointError(f"{workdir} holds no config.json: it is not a training workdir; give the "
+                          f"--workdir a training run wrote")
+  return ml_collections.ConfigDict(json.loads(config_path.read_text()))
+
+
 # --- the predictor -----------------------------------------------------------------------------------
 
 class Predictor:
@@ -160,12 +169,8 @@ class Predictor:
     """The run in `workdir` at its latest or a chosen step, with its config.json unless `config` is
     given (e.g. to point at another data dir)."""
     workdir = epath.Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-      raise CheckpointError(f"{workdir} holds no config.json: it is not a training workdir; give the "
-                            f"--workdir a training run wrote")
-    if config is None:
-      config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    stored = workdir_config(workdir)  # also checks that it is a workdir
+    config = stored if config is None else config
     manager = checkpoints.create_manager(workdir, keep=None, async_save=False, create=False)
     steps = checkpoints.steps(manager)
     if not steps:

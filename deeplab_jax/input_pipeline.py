@@ -39,8 +39,42 @@ def load_builder(config) -> tfds.core.DatasetBuilder:
     if not datasets.entry(name).generated:
       raise DataError(datasets.missing_message(name, shown_dir))
     builder = _build_generated(builder, name, data_dir)
+  resolve_from_data(config, builder)
   _check_classes(builder, config)
   return builder
+
+
+EVAL_SPLITS = ("val", "validation", "test")
+
+
+def resolve_from_data(config, builder) -> None:
+  """Fill the dataset fields left None (configs/folder.py) from the prepared data: its stored class
+  count and ignore label, its "train" split and its first of `EVAL_SPLITS`. One line if it has none."""
+  d, stored = config.dataset, dict(builder.info.metadata or {})
+  where = builder.info.full_name
+  if d.num_classes is None:
+    count = stored.get("num_classes", datasets.entry(d.name).num_classes)
+    if count is None:
+      raise ConfigError(f"config.dataset.num_classes is None (take the data's) but {where} stores no "
+                        f"class count; set --config.dataset.num_classes")
+    d.num_classes = int(count)
+  if d.ignore_label is None:
+    d.ignore_label = int(stored.get("ignore_label", 255))
+  splits = sorted(builder.info.splits)
+  if d.train_split is None:
+    if "train" not in splits:
+      raise ConfigError(f"config.dataset.train_split is None (take the data's \"train\") but {where} "
+                        f"has {', '.join(splits)}; set --config.dataset.train_split")
+    d.train_split = "train"
+  if d.eval_split is None:
+    found = [s for s in EVAL_SPLITS if s in splits]
+    if not found:
+      raise ConfigError(f"config.dataset.eval_split is None (take the data's {'/'.join(EVAL_SPLITS)}) "
+                        f"but {where} has {', '.join(splits)}; set --config.dataset.eval_split")
+    d.eval_split = found[0]
+  if not int(d.num_classes) <= int(d.ignore_label) <= 255:
+    raise ConfigError(f"config.dataset.ignore_label={d.ignore_label} must be in [num_classes="
+                      f"{d.num_classes}, 255] (labels are uint8); DeepLab uses 255")
 
 
 def _build_generated(builder, name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -72,6 +106,19 @@ def _check_classes(builder, config) -> None:
   if ignore is not None and int(ignore) != int(config.dataset.ignore_label):
     raise ConfigError(f"config.dataset.ignore_label={config.dataset.ignore_label} but "
                       f"{builder.info.full_name} marks ignored pixels with {ignore}; set it to {ignore}")
+
+
+def check_eval_sizes(builder, config) -> None:
+  """Whole validation images are padded to the eval crop: one larger than it would stop training at
+  its first evaluation, so the largest size `prepare` stored (data prepared before it was: no check)
+  is held to the crop before the first step."""
+  largest = dict((builder.info.metadata or {}).get("largest_image") or {}).get(config.dataset.eval_split)
+  crop = tuple(int(v) for v in config.eval.crop_size)
+  if largest and (largest[0] > crop[0] or largest[1] > crop[1]):
+    need = (max(crop[0], int(largest[0])), max(crop[1], int(largest[1])))
+    raise ConfigError(f"the largest {config.dataset.eval_split} image of {builder.info.full_name} is "
+                      f"{largest[0]}x{largest[1]}, larger than config.eval.crop_size={crop}; set "
+                      f"--config.eval.crop_size=\"{need}\"")
 
 
 def check_split(builder, split: str, field: str) -> None:

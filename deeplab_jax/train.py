@@ -276,6 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   builder = input_pipeline.load_builder(config)  # data errors before any compile or write
   input_pipeline.check_split(builder, config.dataset.train_split, "config.dataset.train_split")
   input_pipeline.check_split(builder, config.dataset.eval_split, "config.dataset.eval_split")
+  input_pipeline.check_eval_sizes(builder, config)
 
   model = model_for_mesh(config, mesh)
   tx = create_tx(config)

@@ -118,6 +118,28 @@ FAULTS = (
           "TensorFlow's `InvalidArgumentError: images must be at most HxW (the eval crop); tile or "
           "resize them`",
           "test_commands.py::test_infer_evaluate_and_export_work_on_a_default_workdir"),
+    Fault("Pretrained weights that cannot segment given to `from_pretrained` or `--weights`: ImageNet "
+          "weights (a TF backbone checkpoint, a timm file), a tarball without a checkpoint, a "
+          "truncated tarball, a checkpoint of no DeepLab, a missing path; or `--weights` with "
+          "`--workdir`",
+          "one line naming the problem and the fix (e.g. `... holds a mobilenet_v2 backbone without "
+          "a DeepLab head (ImageNet weights): it cannot segment; train from it with "
+          "--config.init_from.path=PATH --config.init_from.scope=backbone`), nothing written",
+          "test_pretrained.py::test_bad_weights_are_one_line_naming_the_fix"),
+    Fault("Official TF MobileNetV2 weights (TF SAME padding) under a config with the default "
+          "`fixed` padding",
+          "`config.init_from.path=PATH was trained with 'same' padding on its strided convs "
+          "(MobilenetV2: TF SAME) but config.model.strided_padding='fixed'; add "
+          "--config.model.strided_padding=same`, before anything is written",
+          "test_weights.py::test_convert_command_then_a_six_class_run_from_a_21_class_model_and_"
+          "resume_wins"),
+    Fault("Own data: a config value the prepared data contradicts (class count, ignore label), or an "
+          "eval crop smaller than the largest validation image",
+          "before the first step, one line naming the value to set (`the largest val image of "
+          "folder_segmentation/1.0.0 is 40x50, larger than config.eval.crop_size=(33, 49); set "
+          "--config.eval.crop_size=\"(40, 50)\"`), nothing written",
+          "test_folder_config.py::test_a_value_the_data_contradicts_or_an_eval_crop_below_its_"
+          "largest_image_stops_before_training"),
 )
 
 BAD_INPUTS = (

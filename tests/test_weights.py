@@ -141,6 +141,7 @@ def test_voc_xception_fine_tunes_end_to_end_on_fake_voc_from_the_official_checkp
   np.testing.assert_allclose(np.asarray(var), want, rtol=2e-3)
 
 
+@pytest.mark.reliability
 def test_convert_command_then_a_six_class_run_from_a_21_class_model_and_resume_wins(
     mobilenet_checkpoint, tiny_data_dir, compile_cache_env, tmp_path):
   """The command lines as a user runs them, with the shapes config's defaults but for sizes."""

@@ -74,9 +74,13 @@ class FolderSegmentation(tfds.core.GeneratorBasedBuilder):
       if repeated:
         raise DataError(f"split list {splits[split]} names {repeated[:3]} more than once; list each "
                         f"image once")
-    return {split: self._generate_examples(root, ids) for split, ids in split_ids.items()}
+    self.info.metadata["largest_image"] = {}
+    return {split: self._generate_examples(root, ids, split) for split, ids in split_ids.items()}
 
-  def _generate_examples(self, root: epath.Path, ids):
+  def _generate_examples(self, root: epath.Path, ids, split: str):
+    # Each split's largest (height, width), stored with the data: a config whose eval crop is
+    # smaller is refused before training (input_pipeline.check_eval_sizes), not at its first eval.
+    largest = self.info.metadata["largest_image"].setdefault(split, [0, 0])
     for image_id in ids:
       candidates = [root / "images" / f"{image_id}{suffix}" for suffix in IMAGE_SUFFIXES]
       image = next((path for path in candidates if path.exists()), None)
@@ -88,5 +92,6 @@ class FolderSegmentation(tfds.core.GeneratorBasedBuilder):
                                   self._ignore_label, where)
       encoded = image.read_bytes()
       manual.check_sizes(encoded, label, image, where)
+      largest[:] = [max(largest[0], label.shape[0]), max(largest[1], label.shape[1])]
       yield image_id, {"image": encoded, "segmentation": manual.encode_png(label),
                        "file_name": image_id}
