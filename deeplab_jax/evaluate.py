@@ -118,12 +118,10 @@ def main(argv):
   def run():
     console.setup(FLAGS.verbosity)  # details to WORKDIR/eval/evaluate.log; --verbosity=1: live
     distributed.initialize_from_flags()
-    config = FLAGS.config
-    if config is None:
-      config = infer.workdir_config(FLAGS.workdir)
-    else:
-      input_pipeline.load_builder(config)  # fills in what the config leaves to the data (folder.py)
-    predictor = infer.predictor_from_flags(FLAGS, config=config, **infer.strategy_options(FLAGS))
+    if FLAGS.config is not None:
+      input_pipeline.load_builder(FLAGS.config)  # fills in what it leaves to the data (folder.py)
+    predictor = infer.predictor_from_flags(FLAGS, config=FLAGS.config, **infer.strategy_options(FLAGS))
+    config = predictor.config  # --config, or the workdir's config.json; the network from --weights
     results = evaluate(config, FLAGS.workdir, predictor=predictor, log_dir=FLAGS.output)
     path = None
     if FLAGS.workdir or FLAGS.output:

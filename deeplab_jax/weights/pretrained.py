@@ -65,8 +65,8 @@ def load(path, *, dataset: str | None = None, config: ml_collections.ConfigDict 
     config.dataset.name = dataset or config.dataset.name
   if classes == ADE20K_OFFICIAL_CLASSES and datasets.base_name(config.dataset.name) == "ade20k":
     tree, classes = _drop_other(tree), ADE20K_OFFICIAL_CLASSES - 1
-    config.dataset.num_classes = int(config.dataset.num_classes) - (
-        int(config.dataset.num_classes) == ADE20K_OFFICIAL_CLASSES)
+    if int(config.dataset.num_classes) == ADE20K_OFFICIAL_CLASSES:  # the count named it, not a config
+      config.dataset.num_classes = classes
   if int(config.dataset.num_classes) != classes:
     raise WeightsError(f"{where} predicts {classes} classes but config.dataset.num_classes="
                        f"{config.dataset.num_classes} ({config.dataset.name}); evaluate it on data with "
