@@ -12,8 +12,8 @@ the data stops in one line before training. What users change first:
   --config.optim.base_lr=0.007 (the paper's fine-tuning rate) instead of this from-scratch one;
   --config.train.steps (4,000 here: minutes on a CPU for a few hundred small images);
   --config.input.crop_size, the training crop ((257, 257) here; the paper's 513 for large photos);
-  --config.eval.crop_size, where whole validation images are padded to; larger ones are refused
-  before the first step.
+  --config.eval.crop_size, where whole validation images are padded to; larger ones are evaluated
+  through a sliding window of this size (config.eval.window_overlap: a third).
 From scratch, the embedded default's recipe (configs/shapes.py): MobileNetV2 at width 0.5, SGD at 0.1
 after a 100-step warm-up, batch 8.
 """

@@ -110,7 +110,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.every_steps = 5000
   config.eval.batch_size = 8  # global
-  config.eval.crop_size = (513, 513)  # whole images are padded to this size
+  # Images up to this size are padded to it and run whole; larger ones go through a sliding window of
+  # this size (deeplab_jax.sliding_window, mmsegmentation's "slide" mode), neighbouring windows sharing
+  # `window_overlap` of it: a stride of 342 at 513, the 341 of slide mode's 512 window.
+  config.eval.crop_size = (513, 513)
+  config.eval.window_overlap = 1 / 3
   config.eval.output_stride = config_dict.placeholder(int)  # None: the training output stride
   config.eval.num_summary_images = 4
 
@@ -237,6 +241,9 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
   if loss.class_weights is not None and n_classes and len(tuple(loss.class_weights)) != n_classes:
     raise ConfigError(f"config.loss.class_weights has {len(tuple(loss.class_weights))} entries but "
                       f"config.dataset.num_classes={n_classes}; give one weight per class")
+  if not 0 <= float(config.eval.get("window_overlap", 0)) < 1:
+    raise ConfigError(f"config.eval.window_overlap={config.eval.window_overlap} must be in [0, 1): the "
+                      f"share of a sliding window that the next one overlaps (mmsegmentation: 1/3)")
   eval_os = config.eval.output_stride
   if eval_os is not None and eval_os not in OUTPUT_STRIDES:
     raise ConfigError(f"config.eval.output_stride={eval_os} is not supported; use 8, 16, 32 or None")

@@ -22,7 +22,6 @@ from deeplab_jax import allocator
 if __name__ == "__main__":  # first, before jax and TensorFlow load: see allocator.py
   allocator.reexec_with_fast_allocator()
 
-import functools
 import json
 
 from absl import app, flags, logging
@@ -31,11 +30,6 @@ import jax
 import numpy as np
 
 from deeplab_jax import console, datasets, distributed, infer, input_pipeline, metrics, runtime
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _confusion(labels, predictions, num_classes: int, ignore_label: int):
-  return metrics.confusion_matrix(labels, predictions, num_classes, ignore_label=ignore_label)
 
 
 def strategy_name(predictor: infer.Predictor) -> str:
@@ -62,15 +56,8 @@ def evaluate(config, workdir=None, step: int | None = None, *, predictor=None, l
   split = builder.info.splits.get(config.dataset.eval_split)  # None for a sliced split ("val[:8]")
   for example in console.bar(examples, split and -(-split.num_examples // jax.process_count()),
                              "evaluating", "image"):
-    label = example["label"]
     prediction = predictor.predict(example["image"])
-    # Padded to the predictor's grid (ignored pixels) so that the metric compiles per bucket only.
-    shape = tuple(infer.grid_size(d, predictor.bucket) for d in label.shape)
-    padded_label = np.full(shape, ignore, np.uint8)
-    padded_label[:label.shape[0], :label.shape[1]] = label
-    padded_prediction = np.zeros(shape, prediction.dtype)
-    padded_prediction[:label.shape[0], :label.shape[1]] = prediction
-    total += np.asarray(_confusion(padded_label, padded_prediction, num_classes, ignore), np.int64)
+    total += metrics.confusion_matrix_numpy(example["label"], prediction, num_classes, ignore)
     count += 1
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from deeplab_jax import checkpoints, console, datasets, visualize
+from deeplab_jax import checkpoints, console, datasets, sliding_window, visualize
 from deeplab_jax.errors import CheckpointError, DataError
 from deeplab_jax.models import create_model, upsample_logits
 from deeplab_jax.models.layers import scale_dimension
@@ -103,13 +103,6 @@ def grid_size(dim: int, bucket: int) -> int:
   return bucket * max(1, math.ceil((dim - 1) / bucket)) + 1
 
 
-def _window_starts(dim: int, window: int, stride: int) -> list[int]:
-  if dim <= window:
-    return [0]
-  starts = list(range(0, dim - window, stride))
-  return starts + [dim - window]
-
-
 def workdir_config(workdir) -> ml_collections.ConfigDict:
   """The config a training run wrote beside its checkpoints (with what it took from the data)."""
   config_path = epath.Path(workdir) / "config.json"
@@ -132,16 +125,19 @@ class Predictor:
     flip: also average the left-right flipped input.
     bucket: padded sizes are multiples of this plus one (a multiple of 32 keeps OS 8/16/32 exact).
     window: the sliding window (H, W); None: `config.eval.crop_size`. Larger inputs are tiled.
-    overlap: fraction of the window shared by neighbouring windows.
+    overlap: fraction of the window shared by neighbouring windows; None: `config.eval.window_overlap`
+      (a third), as training's evaluation tiles.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, variables, *, output_stride: int | None = None,
                scales: Sequence[float] = (1.0,), flip: bool = False, bucket: int = 64,
-               window: Sequence[int] | None = None, overlap: float = 1 / 3):
+               window: Sequence[int] | None = None, overlap: float | None = None):
     if bucket < 1 or bucket % 32:
       raise ValueError(f"bucket={bucket} must be a positive multiple of 32")
     if not scales or any(s <= 0 for s in scales):
       raise ValueError(f"scales={tuple(scales)} must be positive numbers")
+    if overlap is None:
+      overlap = config.eval.get("window_overlap", sliding_window.DEFAULT_OVERLAP)
     if not 0 <= overlap < 1:
       raise ValueError(f"overlap={overlap} must be in [0, 1)")
     self.config = config
@@ -248,16 +244,11 @@ class Predictor:
     win_w = min(self.window[1], grid_size(width, self.bucket))
     if height <= win_h and width <= win_w:
       return self._run(image, (grid_size(height, self.bucket), grid_size(width, self.bucket)))
-    total = np.zeros((height, width, self.num_classes), np.float32)
-    count = np.zeros((height, width, 1), np.float32)
-    step_h = max(1, int(win_h * (1 - self.overlap)))
-    step_w = max(1, int(win_w * (1 - self.overlap)))
-    for top in _window_starts(height, win_h, step_h):
-      for left in _window_starts(width, win_w, step_w):
-        tile = image[top:top + win_h, left:left + win_w]
-        total[top:top + tile.shape[0], left:left + tile.shape[1]] += self._run(tile, (win_h, win_w))
-        count[top:top + tile.shape[0], left:left + tile.shape[1]] += 1
-    return total / count
+    average = sliding_window.Average(height, width, self.num_classes)
+    step = sliding_window.stride((win_h, win_w), self.overlap)
+    for top, left, h, w in sliding_window.tiles(height, width, (win_h, win_w), step):
+      average.add(top, left, self._run(image[top:top + h, left:left + w], (win_h, win_w)))
+    return average.result()
 
   def _run(self, image: np.ndarray, padded: tuple[int, int]) -> np.ndarray:
     """The network on `image` padded bottom/right to `padded`; logits cropped back to the image."""

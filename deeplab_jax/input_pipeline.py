@@ -8,6 +8,8 @@ uninterrupted run, replaying at most one epoch of encoded reads (no decoding) to
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import re
 import time
 from typing import Iterator
@@ -15,10 +17,11 @@ from typing import Iterator
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from deeplab_jax import console, datasets
+from deeplab_jax import console, datasets, sliding_window
 from deeplab_jax.errors import ConfigError, DataError
 
 # The official code pads images with the mean pixel, which its normalization maps to 0.
@@ -106,19 +109,6 @@ def _check_classes(builder, config) -> None:
   if ignore is not None and int(ignore) != int(config.dataset.ignore_label):
     raise ConfigError(f"config.dataset.ignore_label={config.dataset.ignore_label} but "
                       f"{builder.info.full_name} marks ignored pixels with {ignore}; set it to {ignore}")
-
-
-def check_eval_sizes(builder, config) -> None:
-  """Whole validation images are padded to the eval crop: one larger than it would stop training at
-  its first evaluation, so the largest size `prepare` stored (data prepared before it was: no check)
-  is held to the crop before the first step."""
-  largest = dict((builder.info.metadata or {}).get("largest_image") or {}).get(config.dataset.eval_split)
-  crop = tuple(int(v) for v in config.eval.crop_size)
-  if largest and (largest[0] > crop[0] or largest[1] > crop[1]):
-    need = (max(crop[0], int(largest[0])), max(crop[1], int(largest[1])))
-    raise ConfigError(f"the largest {config.dataset.eval_split} image of {builder.info.full_name} is "
-                      f"{largest[0]}x{largest[1]}, larger than config.eval.crop_size={crop}; set "
-                      f"--config.eval.crop_size=\"{need}\"")
 
 
 def check_split(builder, split: str, field: str) -> None:
@@ -347,11 +337,12 @@ def train_batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def eval_batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global evaluation batch's shapes and dtypes, as `eval_dataset` yields them."""
+  """The global evaluation batch's shapes and dtypes, as `eval_batches` yields them."""
   batch, (h, w) = int(config.eval.batch_size), (int(v) for v in config.eval.crop_size)
   return {"image": jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32),
           "label": jax.ShapeDtypeStruct((batch, h, w), jnp.uint8),
-          "mask": jax.ShapeDtypeStruct((batch,), jnp.bool_)}
+          "mask": jax.ShapeDtypeStruct((batch,), jnp.bool_),
+          "more": jax.ShapeDtypeStruct((batch,), jnp.bool_)}
 
 
 def _eval_shards(builder, config) -> list[str]:
@@ -361,50 +352,85 @@ def _eval_shards(builder, config) -> list[str]:
   return tfds.even_splits(split, n=jax.process_count(), drop_remainder=False)
 
 
-def eval_num_batches(builder, config) -> int:
-  """Batches per process so that the largest process shard fits; the same on every process."""
-  local_batch = _local_batch(config.eval.batch_size, "config.eval.batch_size")
-  shards = _eval_shards(builder, config)
-  largest = max(builder.info.splits[s].num_examples for s in shards)
-  return max(1, -(-largest // local_batch))
+@dataclasses.dataclass(frozen=True)
+class Window:
+  """A row of an evaluation batch that holds one sliding window of a larger image: where the window
+  lies, and the whole image, so that the host can average its windows' logits and count its pixels
+  once its `last` window has passed (windows of an image come in order, in one or more batches)."""
+  index: int  # the image's position in this process's shard
+  top: int
+  left: int
+  height: int
+  width: int
+  last: bool
+  image: np.ndarray  # (H, W, 3)
+  label: np.ndarray  # (H, W) uint8
 
 
-def eval_dataset(builder, config) -> tf.data.Dataset:
-  """This process's evaluation batches: whole images padded to `config.eval.crop_size`.
+def runs_whole(shape, crop) -> bool:
+  """Whether an image of `shape` is padded to the eval crop and runs whole (else: sliding windows)."""
+  return shape[0] <= crop[0] and shape[1] <= crop[1]
 
-  Processes read disjoint `even_splits` shards; every process yields `eval_num_batches` batches, the
-  tail padded with examples whose `mask` is 0, so each real pixel counts exactly once overall.
+
+def eval_batches(builder, config) -> Iterator[tuple[dict, list[Window | None]]]:
+  """This process's evaluation batches, each a (local batch, per-row windows) pair.
+
+  Each row is `config.eval.crop_size`: a whole image padded to it (`mask` set: the eval step counts its
+  pixels on the device, as before any image was larger than the crop), or one sliding window of a
+  larger image (its `Window`: the host averages the windows' logits, `sliding_window`), or filler
+  (neither) in the last batch. Processes read disjoint `even_splits` shards and so make different
+  numbers of batches: `more` says whether this process has another batch after this one, and every
+  process keeps stepping (with `filler_batch`) while any has (train.Evaluator).
   """
-  num_batches = eval_num_batches(builder, config)
   local_batch = _local_batch(config.eval.batch_size, "config.eval.batch_size")
-  shard = _eval_shards(builder, config)[jax.process_index()]
-  crop_h, crop_w = (int(v) for v in config.eval.crop_size)
+  crop = tuple(int(v) for v in config.eval.crop_size)
+  step = sliding_window.stride(crop, float(config.eval.get("window_overlap",
+                                                           sliding_window.DEFAULT_OVERLAP)))
   ignore = int(config.dataset.ignore_label)
-  decode = _decoder(builder, config)
+  examples = as_numpy(eval_examples(builder, config), builder, config.dataset.eval_split)
 
-  def pad(image, label, name):
-    image, label = decode(image, label, name)
-    height, width = tf.shape(image)[0], tf.shape(image)[1]
-    check = tf.debugging.assert_less_equal(
-        tf.stack([height, width]), tf.constant([crop_h, crop_w]),
-        message=f"EVAL_IMAGE_TOO_LARGE: an evaluation image is larger than config.eval.crop_size="
-                f"({crop_h}, {crop_w})")
-    with tf.control_dependencies([check]):
-      paddings = [[0, crop_h - height], [0, crop_w - width], [0, 0]]
-    image = tf.pad(tf.cast(image, tf.float32), paddings, constant_values=IMAGE_PAD_VALUE)
-    label = tf.pad(label, paddings, constant_values=ignore)
-    return {"image": tf.ensure_shape(image, (crop_h, crop_w, 3)),
-            "label": tf.ensure_shape(label, (crop_h, crop_w, 1))[..., 0],
-            "mask": tf.constant(True)}
+  def rows():
+    for index, example in enumerate(examples):
+      image, label = example["image"], example["label"]
+      if runs_whole(label.shape, crop):
+        yield (*_pad(image, label, crop, ignore), True, None)
+        continue
+      tiles = sliding_window.tiles(*label.shape, crop, step)
+      for k, (top, left, h, w) in enumerate(tiles):
+        window = Window(index, top, left, h, w, k == len(tiles) - 1, image, label)
+        yield (*_pad(image[top:top + h, left:left + w], label[top:top + h, left:left + w], crop,
+                     ignore), False, window)
 
-  ds = _read(builder, shard, cache=False, skip=_skipped(builder, shard, config)).map(
-      pad, num_parallel_calls=tf.data.AUTOTUNE)
-  filler = tf.data.Dataset.from_tensors({
-      "image": tf.fill((crop_h, crop_w, 3), tf.constant(IMAGE_PAD_VALUE, tf.float32)),
-      "label": tf.fill((crop_h, crop_w), tf.constant(ignore, tf.uint8)),
-      "mask": tf.constant(False)}).repeat()
-  ds = ds.concatenate(filler).take(num_batches * local_batch)
-  return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  stream = rows()
+  pending = next(stream, None)
+  while pending is not None:
+    batch = [pending, *itertools.islice(stream, local_batch - 1)]
+    pending = next(stream, None)
+    windows = [row[3] for row in batch] + [None] * (local_batch - len(batch))
+    filler = filler_batch(config, local_batch - len(batch))
+    yield {"image": np.concatenate([np.stack([r[0] for r in batch]), filler["image"]]),
+           "label": np.concatenate([np.stack([r[1] for r in batch]), filler["label"]]),
+           "mask": np.concatenate([np.array([r[2] for r in batch]), filler["mask"]]),
+           "more": np.full(local_batch, pending is not None)}, windows
+
+
+def filler_batch(config, size: int | None = None) -> dict:
+  """`size` rows (default: the local eval batch) that count nothing: a process with no images left
+  steps with these while another process still has some."""
+  size = _local_batch(config.eval.batch_size, "config.eval.batch_size") if size is None else size
+  crop = tuple(int(v) for v in config.eval.crop_size)
+  return {"image": np.full((size, *crop, 3), IMAGE_PAD_VALUE, np.float32),
+          "label": np.full((size, *crop), int(config.dataset.ignore_label), np.uint8),
+          "mask": np.zeros(size, bool), "more": np.zeros(size, bool)}
+
+
+def _pad(image, label, crop, ignore) -> tuple[np.ndarray, np.ndarray]:
+  """Bottom/right padding to the crop: the mean pixel (0 after normalization) and ignored labels."""
+  padded_image = np.full((*crop, 3), IMAGE_PAD_VALUE, np.float32)
+  padded_image[:image.shape[0], :image.shape[1]] = image
+  padded_label = np.full(crop, ignore, np.uint8)
+  padded_label[:label.shape[0], :label.shape[1]] = label
+  return padded_image, padded_label
 
 
 def eval_examples(builder, config) -> tf.data.Dataset:
@@ -422,9 +448,8 @@ def eval_examples(builder, config) -> tf.data.Dataset:
 
 
 def as_numpy(ds: tf.data.Dataset, builder=None, split: str | None = None) -> Iterator[dict]:
-  """NumPy batches; bad data becomes a one-line DataError: an oversized evaluation image, a mask
-  value outside the classes, or an undecodable image or mask (named after a scan of `split`, when
-  the builder and split are given)."""
+  """NumPy batches; bad data becomes a one-line DataError: a mask value outside the classes, or an
+  undecodable image or mask (named after a scan of `split`, when the builder and split are given)."""
   iterator = iter(tfds.as_numpy(ds))
   while True:
     try:
@@ -440,9 +465,6 @@ def as_numpy(ds: tf.data.Dataset, builder=None, split: str | None = None) -> Ite
 
 
 def _data_error(message: str, builder, split: str | None) -> DataError | None:
-  found = re.search(r"EVAL_IMAGE_TOO_LARGE: (.*?\))", message)
-  if found:
-    return DataError(f"{found.group(1)}; raise it to cover the largest image")
   found = re.search(_LABEL_MARKER + r"\((.*?), (\d+), (\d+)\)\] \[(.*?)\] \[(\d+)\]", message)
   if found:
     name, num_classes, ignore, example, value = found.groups()

@@ -30,6 +30,15 @@ def confusion_matrix(labels, predictions, num_classes: int, mask=None, ignore_la
   return counts.reshape(num_classes, num_classes).astype(jnp.int32)
 
 
+def confusion_matrix_numpy(labels, predictions, num_classes: int, ignore_label: int = 255) -> np.ndarray:
+  """`confusion_matrix` on the host, int64, for images of any size (no compilation per size): the
+  images that training's evaluation assembles from sliding windows, and `evaluate`'s."""
+  labels = np.asarray(labels).astype(np.int64)
+  valid = valid_pixels(labels, num_classes, ignore_label)
+  index = labels[valid] * num_classes + np.asarray(predictions)[valid].astype(np.int64)
+  return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
 def metrics_from_confusion(cm) -> dict:
   """mean IoU (over classes present in ground truth or prediction), per-class IoU, pixel accuracy.
 

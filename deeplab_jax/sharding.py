@@ -70,7 +70,8 @@ def to_global(local_batch: dict, sharding: NamedSharding) -> dict:
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
-def first_local_rows(array: jax.Array) -> np.ndarray:
-  """The rows of the process's first local shard: the start of its local batch (for summaries)."""
-  shard = min(array.addressable_shards, key=lambda s: s.index[0].start or 0)
-  return np.asarray(shard.data)
+def local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of an array split over `data`, in order: what `to_global` made of its local
+  batch, back on the host."""
+  shards = {s.index[0].start or 0: s for s in array.addressable_shards}  # one per row range
+  return np.concatenate([np.asarray(shards[start].data) for start in sorted(shards)])

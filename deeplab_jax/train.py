@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import optax
 from PIL import Image
 
 from deeplab_jax import (checkpoints, console, curves, datasets, distributed, input_pipeline, losses, metrics, optim,
-                         sharding, visualize)
+                         sharding, sliding_window, visualize)
 from deeplab_jax import config as config_lib
 from deeplab_jax.errors import NonFiniteLossError, Preempted
 from deeplab_jax.models import create_model, upsample_logits
@@ -137,36 +138,41 @@ def jit_train_step(config, model, tx, mesh, state_sh, dropout_rng):
 
 def jit_eval_step(config, mesh, state_sh):
   """The eval step jitted over `mesh` at the eval output stride: parameters keep their training
-  shardings, the padded batch is split over the data axis, the confusion matrix is replicated and
-  the predictions stay split. Training's evaluation and deeplab_jax.aot run this."""
+  shardings, the padded batch is split over the data axis, the confusion matrix and the go-on flag
+  are replicated and the logits stay split. Training's evaluation and deeplab_jax.aot run this."""
   model = model_for_mesh(config, mesh, config.eval.output_stride)  # None: the training stride
   batch_sh = sharding.batch_sharding(mesh)
   return jax.jit(
       functools.partial(eval_step, model=model, num_classes=int(config.dataset.num_classes),
                         ignore_label=int(config.dataset.ignore_label)),
       in_shardings=(state_sh.params, state_sh.batch_stats, batch_sh),
-      out_shardings=(sharding.replicated(mesh), batch_sh))
+      out_shardings=(sharding.replicated(mesh), batch_sh, sharding.replicated(mesh)))
 
 
 def eval_step(params, batch_stats, batch: dict, *, model, num_classes: int, ignore_label: int):
-  """Confusion matrix of one padded batch (masked examples and ignored pixels excluded), predictions."""
+  """(confusion matrix of the batch's whole images, float32 logits of every row at the crop's size,
+  whether any process has another batch). Filler rows, window rows and ignored pixels are not
+  counted here: the host counts an image assembled from windows once its windows are averaged."""
   logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=False)
   logits = upsample_logits(logits, batch["label"].shape[1:3])
   predictions = jnp.argmax(logits, axis=-1)
   cm = metrics.confusion_matrix(batch["label"], predictions, num_classes, mask=batch["mask"],
                                 ignore_label=ignore_label)
-  return cm, predictions.astype(jnp.uint8 if num_classes <= 256 else jnp.int32)
+  return cm, logits, jnp.any(batch["more"])
 
 
 class Evaluator:
-  """Runs the validation split through a jitted eval step; int32 confusion matrices are summed on
-  device and moved to an int64 host total before they could overflow (Cityscapes has 1e9 pixels)."""
+  """Runs the validation split through a jitted eval step. Whole images are counted on device, in
+  int32 confusion matrices moved to an int64 host total before they could overflow (Cityscapes has
+  1e9 pixels); images larger than the eval crop come as sliding windows whose logits the host
+  averages (`sliding_window`, as `infer.Predictor` tiles) and counts. Every process steps until none
+  has a batch left, so processes with more or larger images than others need no count agreed ahead."""
 
   def __init__(self, config, builder, mesh, state_shardings):
     self.config, self.builder, self.mesh = config, builder, mesh
     self.num_classes = int(config.dataset.num_classes)
+    self.ignore_label = int(config.dataset.ignore_label)
     self.batch_sharding = sharding.batch_sharding(mesh)
-    self.num_batches = input_pipeline.eval_num_batches(builder, config)
     self.step_fn = distributed.first_run_together(jit_eval_step(config, mesh, state_shardings),
                                                   "the eval step")
     crop = tuple(int(v) for v in config.eval.crop_size)
@@ -176,35 +182,56 @@ class Evaluator:
                                             builder.info.metadata)
 
   def __call__(self, state: TrainState) -> tuple[dict, list[np.ndarray]]:
-    total = np.zeros((self.num_classes, self.num_classes), np.int64)
-    running, images = None, []
-    batches = input_pipeline.as_numpy(input_pipeline.eval_dataset(self.builder, self.config),
-                                      self.builder, self.config.dataset.eval_split)
-    for i, local in enumerate(batches):
-      batch = sharding.to_global(local, self.batch_sharding)
-      cm, predictions = self.step_fn(state.params, state.batch_stats, batch)
+    device_total = np.zeros((self.num_classes, self.num_classes), np.int64)
+    host_total = np.zeros_like(device_total)  # this process's images assembled from windows
+    running, images, averages = None, [], {}
+    wanted = int(self.config.eval.num_summary_images)
+    several = jax.process_count() > 1
+    batches = input_pipeline.eval_batches(self.builder, self.config)
+    for i in itertools.count():
+      local, windows = next(batches, (None, None))
+      if local is None:  # this process is done; another is not (or its shard is empty)
+        local = input_pipeline.filler_batch(self.config)
+        windows = [None] * len(local["mask"])
+      cm, logits, more = self.step_fn(state.params, state.batch_stats,
+                                      sharding.to_global(local, self.batch_sharding))
       running = cm if running is None else running + cm
       if (i + 1) % self.flush_every == 0:
-        total += np.asarray(running, np.int64)
+        device_total += np.asarray(running, np.int64)
         running = None
-      if i == 0:
-        images = self._summaries(local, sharding.first_local_rows(predictions))
+      summarize = len(images) < wanted and bool(local["mask"].any())
+      if summarize or any(w is not None for w in windows):
+        rows = sharding.local_rows(logits)
+        for k, window in enumerate(windows):
+          if window is None:
+            if local["mask"][k] and len(images) < wanted:
+              images.append(self._summary(local["image"][k], local["label"][k], rows[k].argmax(-1)))
+            continue
+          average = averages.setdefault(window.index, sliding_window.Average(
+              *window.label.shape, self.num_classes))
+          average.add(window.top, window.left, rows[k, :window.height, :window.width])
+          if window.last:
+            prediction = averages.pop(window.index).result().argmax(-1)
+            host_total += metrics.confusion_matrix_numpy(window.label, prediction, self.num_classes,
+                                                         self.ignore_label)
+            if len(images) < wanted:
+              images.append(self._summary(window.image, window.label, prediction))
+      # One process knows only its own batches; the step's flag says whether any has another.
+      if not (bool(more) if several else local["more"].any()):
+        break
     if running is not None:
-      total += np.asarray(running, np.int64)
+      device_total += np.asarray(running, np.int64)
+    if several:
+      from jax.experimental import multihost_utils
+      host_total = np.asarray(multihost_utils.process_allgather(host_total)).sum(0)
+    total = device_total + host_total
     return metrics.metrics_from_confusion(total) | {"confusion_matrix": total}, images
 
-  def _summaries(self, local: dict, predictions: np.ndarray) -> list[np.ndarray]:
-    """Input | ground truth | prediction, side by side, for the first few real examples."""
-    count = min(int(self.config.eval.num_summary_images), len(predictions))
-    out = []
-    for k in range(count):
-      if not local["mask"][k]:
-        break
-      image = np.clip(local["image"][k], 0, 255).astype(np.uint8)
-      row = np.concatenate([image, visualize.colorize(local["label"][k]),
-                            visualize.colorize(predictions[k])], axis=1)
-      out.append(visualize.crop_to_labeled(row, local["label"][k], int(self.config.dataset.ignore_label)))
-    return out
+  def _summary(self, image, label, prediction) -> np.ndarray:
+    """Input | ground truth | prediction, side by side, cut to the labelled image."""
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    row = np.concatenate([image, visualize.colorize(label), visualize.colorize(prediction)], axis=1)
+    return visualize.crop_to_labeled(row, label, self.ignore_label)
 
 
 EXAMPLES_NAME = "examples.png"
@@ -255,12 +282,29 @@ def _header(config, builder, mesh, abstract_state, workdir, log_path, start_step
               f"(mesh {mesh_shape}{f', {jax.process_count()} processes' if jax.process_count() > 1 else ''}), "
               f"global batch {config.train.batch_size}, {total:,} steps; workdir {workdir}"
               + (f" (full log: {log_path})" if log_path else ""))
+  window_line = _sliding_window_line(config, builder)
+  if window_line:
+    console.say(window_line)
   if resumed_from is not None:
     console.say(f"resumed from {resumed_from}")
   elif config.init_from.path is not None:
     console.say(f"a new model from the pretrained weights {config.init_from.path}")
   if start_step >= total:
     console.say(f"all {total:,} steps are done: evaluating only")
+
+
+def _sliding_window_line(config, builder) -> str | None:
+  """Where the prepared data stores its largest validation image (folder data) and that exceeds the
+  eval crop: how those images will be evaluated, said before the first step."""
+  split = config.dataset.eval_split
+  largest = dict((builder.info.metadata or {}).get("largest_image") or {}).get(split)
+  crop = tuple(int(v) for v in config.eval.crop_size)
+  if not largest or input_pipeline.runs_whole(largest, crop):
+    return None
+  step = sliding_window.stride(crop, float(config.eval.window_overlap))
+  return (f"evaluation: {split} images up to {largest[0]}x{largest[1]}; those larger than the "
+          f"{crop[0]}x{crop[1]} eval crop go through a sliding window of that size, stride "
+          f"{step[0]}x{step[1]}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -276,7 +320,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   builder = input_pipeline.load_builder(config)  # data errors before any compile or write
   input_pipeline.check_split(builder, config.dataset.train_split, "config.dataset.train_split")
   input_pipeline.check_split(builder, config.dataset.eval_split, "config.dataset.eval_split")
-  input_pipeline.check_eval_sizes(builder, config)
 
   model = model_for_mesh(config, mesh)
   tx = create_tx(config)

@@ -122,6 +122,18 @@ def tiny_config(data_dir, steps: int = 6):
   return config
 
 
+def initialized_evaluation(config) -> dict:
+  """Training's evaluation (train.Evaluator) of a freshly initialized model of `config` on all
+  devices of all processes: the same numbers on one process or several."""
+  from deeplab_jax import input_pipeline, sharding, train
+  mesh = sharding.create_mesh()
+  model = train.model_for_mesh(config, mesh)
+  _, shardings, init = train.sharded_init(config, model, train.create_tx(config), mesh,
+                                          jax.random.key(int(config.seed)))
+  evaluator = train.Evaluator(config, input_pipeline.load_builder(config), mesh, shardings)
+  return evaluator(init(jax.random.key(int(config.seed))))[0]
+
+
 def built_once(tmp_path_factory, name, build):
   """What `build(folder)` returns (JSON), built by the first pytest-xdist worker that asks and read by
   the others: each worker would otherwise build its own copy of every session fixture (the 8-device

@@ -151,17 +151,19 @@ def make_cityscapes(manual_dir, per_city: int = 2) -> None:
 
 
 def make_folder(manual_dir, splits: dict[str, int], shape=(10, 14), num_classes: int = 4,
-                ignore_label: int = 255, kinds=("jpg", "png")) -> None:
+                ignore_label: int = 255, kinds=("jpg", "png"), sizes: dict | None = None) -> None:
   """images/, masks/ and <split>.txt: image k is `image_value(k)` gray, its mask uses every class and
-  the ignore label. Images alternate between the formats in `kinds` (a PNG one is RGBA)."""
+  the ignore label. Images alternate between the formats in `kinds` (a PNG one is RGBA). Image k is
+  `shape`, or `sizes[k]` where given."""
   for sub in ("images", "masks"):
     os.makedirs(os.path.join(manual_dir, sub), exist_ok=True)
-  k = 0
+  default_shape, k = shape, 0
   for split, count in splits.items():
     ids = []
     for _ in range(count):
       name = f"img_{k:04d}"
       kind = kinds[k % len(kinds)]
+      shape = (sizes or {}).get(k, default_shape)
       path = os.path.join(manual_dir, "images", f"{name}.{kind}")
       if kind == "jpg":
         with open(path, "wb") as f:

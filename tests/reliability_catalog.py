@@ -133,13 +133,10 @@ FAULTS = (
           "--config.model.strided_padding=same`, before anything is written",
           "test_weights.py::test_convert_command_then_a_six_class_run_from_a_21_class_model_and_"
           "resume_wins"),
-    Fault("Own data: a config value the prepared data contradicts (class count, ignore label), or an "
-          "eval crop smaller than the largest validation image",
-          "before the first step, one line naming the value to set (`the largest val image of "
-          "folder_segmentation/1.0.0 is 40x50, larger than config.eval.crop_size=(33, 49); set "
-          "--config.eval.crop_size=\"(40, 50)\"`), nothing written",
-          "test_folder_config.py::test_a_value_the_data_contradicts_or_an_eval_crop_below_its_"
-          "largest_image_stops_before_training"),
+    Fault("Own data: a config value the prepared data contradicts (class count, ignore label)",
+          "before the first step, one line naming the value to set (`config.dataset.num_classes=4 but "
+          "folder_segmentation/1.0.0 has 3 classes; set it to 3`), nothing written",
+          "test_folder_config.py::test_a_value_the_data_contradicts_stops_before_training"),
 )
 
 BAD_INPUTS = (

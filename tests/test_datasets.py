@@ -82,7 +82,7 @@ def test_cityscapes_label_ids_become_the_19_train_ids_when_read(tmp_path):
   config.eval.batch_size = 2
   config.eval.crop_size = fake_data.CITYSCAPES_SHAPE
   builder = input_pipeline.load_builder(config)
-  (batch,) = input_pipeline.as_numpy(input_pipeline.eval_dataset(builder, config))
+  ((batch, _),) = input_pipeline.eval_batches(builder, config)
   assert batch["mask"].all()
   for image, label in zip(batch["image"], batch["label"]):
     k = _image_number(image)
@@ -112,7 +112,7 @@ def test_folder_dataset_reads_images_masks_and_split_lists(folder_dirs):
   config.dataset.name, config.dataset.num_classes = "folder_segmentation", 4
   config.eval.batch_size, config.eval.crop_size = 3, (10, 14)
   builder = input_pipeline.load_builder(config)
-  (batch,) = input_pipeline.as_numpy(input_pipeline.eval_dataset(builder, config))
+  ((batch, _),) = input_pipeline.eval_batches(builder, config)
   seen = set()
   for image, label in zip(batch["image"], batch["label"]):
     k = _image_number(image)  # the RGBA PNGs come out as RGB of the same value

@@ -1,6 +1,7 @@
 """Your own folder of images, as a user runs it (issue 31): prepare, then configs/folder.py with
 nothing the data could set, then `evaluate --workdir` alone. The data's class count, ignore label,
-splits and largest image size come from what `prepare` stored."""
+splits and largest image size come from what `prepare` stored; a validation image larger than the
+config's 513 eval crop is evaluated through the sliding window."""
 import json
 
 import pytest
@@ -8,13 +9,15 @@ import pytest
 import fake_data
 from conftest import run_module
 
-SHAPE = (40, 50)  # the fake images; the eval crop check uses a smaller crop
+SHAPE = (40, 50)  # the fake images, but for the first val image:
+LARGE = (520, 530)  # larger than folder.py's 513 eval crop: 2x2 windows of 513
 
 
 @pytest.fixture(scope="module")
 def folder_data(tmp_path_factory):
   root = tmp_path_factory.mktemp("own")
-  fake_data.make_folder(root / "manual", {"train": 6, "val": 3}, shape=SHAPE, num_classes=3)
+  fake_data.make_folder(root / "manual", {"train": 6, "val": 3}, shape=SHAPE, num_classes=3,
+                        sizes={6: LARGE})
   (root / "manual" / "classes.txt").write_text("sky\nroad\ncar\n")
   result = run_module(["deeplab_jax.datasets.prepare", "folder_segmentation",
                        f"--manual_dir={root / 'manual'}", f"--data_dir={root / 'tfds'}", "--num_classes=3"])
@@ -23,7 +26,7 @@ def folder_data(tmp_path_factory):
       f"deeplab_jax: prepared folder_segmentation in {root / 'tfds'}: train 6, val 3"]
   version = root / "tfds" / "folder_segmentation" / "1.0.0"
   assert json.loads((version / "metadata.json").read_text())["largest_image"] == {
-      "train": list(SHAPE), "val": list(SHAPE)}
+      "train": list(SHAPE), "val": list(LARGE)}
   assert (version / "prepare.log").exists()
   return root / "tfds"
 
@@ -36,6 +39,8 @@ def test_the_folder_config_trains_and_evaluates_with_what_the_data_stores(folder
                       "--config.train.steps=4", "--config.optim.warmup_steps=0"])
   assert train.returncode == 0, train.stderr[-3000:]
   assert "3 classes; folder_segmentation: 6 training images" in train.stderr
+  assert ("evaluation: val images up to 520x530; those larger than the 513x513 eval crop go through a "
+          "sliding window of that size, stride 342x342") in train.stderr
   config = json.loads((workdir / "config.json").read_text())["dataset"]
   assert (config["num_classes"], config["ignore_label"], config["train_split"], config["eval_split"]) == (
       3, 255, "train", "val")
@@ -47,23 +52,20 @@ def test_the_folder_config_trains_and_evaluates_with_what_the_data_stores(folder
   (written,) = (workdir / "eval").glob("4_val_os16_scales1.json")
   results = json.loads(written.read_text())
   assert results["images"] == 3 and results["class_names"] == ["sky", "road", "car"]
-  # Training pads each batch to the 513 eval crop, evaluate each image to 65x65 (64k+1): the
-  # image-pooling branch averages over the padded extent, so the logits differ a little.
+  # The large image goes through the same four 513 windows in both. Training pads the two small
+  # ones to the 513 eval crop, evaluate to 65x65 (64k+1): the image-pooling branch averages over the
+  # padded extent, so their logits differ a little (tests/test_sliding_window.py: equal confusion
+  # matrices where the windows and padding are the same).
   assert abs(results["mean_iou"] - final["mean_iou"]) < 0.05, (results["mean_iou"], final["mean_iou"])
 
 
 @pytest.mark.reliability
-def test_a_value_the_data_contradicts_or_an_eval_crop_below_its_largest_image_stops_before_training(
-    folder_data, tmp_path):
-  base = ["deeplab_jax.main", "--config=configs/folder.py", f"--config.dataset.data_dir={folder_data}",
-          f"--workdir={tmp_path / 'w'}"]
-  for flag, message in (
-      ("--config.dataset.num_classes=4", "config.dataset.num_classes=4 but folder_segmentation/1.0.0 "
-                                         "has 3 classes; set it to 3"),
-      ("--config.eval.crop_size=(33, 49)", "the largest val image of folder_segmentation/1.0.0 is 40x50, "
-                                           "larger than config.eval.crop_size=(33, 49); set "
-                                           "--config.eval.crop_size=\"(40, 50)\"")):
-    result = run_module(base + [flag])
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == f"deeplab_jax: error: {message}"
-    assert not (tmp_path / "w").exists()
+def test_a_value_the_data_contradicts_stops_before_training(folder_data, tmp_path):
+  result = run_module(["deeplab_jax.main", "--config=configs/folder.py",
+                       f"--config.dataset.data_dir={folder_data}", f"--workdir={tmp_path / 'w'}",
+                       "--config.dataset.num_classes=4"])
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      "deeplab_jax: error: config.dataset.num_classes=4 but folder_segmentation/1.0.0 has 3 classes; "
+      "set it to 3")
+  assert not (tmp_path / "w").exists()

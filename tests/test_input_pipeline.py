@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import REPO, load_config, tiny_config
+from conftest import REPO, initialized_evaluation, load_config, tiny_config
 from deeplab_jax import input_pipeline, metrics
 from deeplab_jax.errors import DataError
 
@@ -137,37 +137,49 @@ def _count_real_pixels(builder, split):
 
 
 @pytest.mark.parametrize("process_count", [1, 3])
-def test_padded_evaluation_counts_every_pixel_once(tiny_data_dir, monkeypatch, process_count):
-  """12 val images in batches of 3 per process: the tail is padded with masked examples; the confusion
-  matrix of labels against themselves then holds exactly the split's labelled pixels."""
+def test_evaluation_batches_count_every_pixel_once(tiny_data_dir, monkeypatch, process_count):
+  """12 val images of 112-128 px, eval crop 120, batches of 3 rows per process: images that fit are
+  padded whole (`mask`), the others cut into sliding windows padded to the crop, whose rows carry
+  where they lie. The whole rows' labelled pixels plus each windowed image's, counted when its last
+  window passes, are exactly the split's labelled pixels; its windows cover it; `more` holds until
+  the process's last batch (processes make different numbers of batches, and step together by it)."""
   config = tiny_config(tiny_data_dir)
   config.eval.batch_size = 3 * process_count
+  config.eval.crop_size = (120, 120)
   builder = input_pipeline.load_builder(config)
-  total, examples, batch_counts = np.zeros((6, 6), np.int64), 0, set()
+  total, whole, windowed = np.zeros((6, 6), np.int64), 0, 0
   for index in range(process_count):
     monkeypatch.setattr(jax, "process_count", lambda: process_count)
     monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-    batches = list(input_pipeline.as_numpy(input_pipeline.eval_dataset(builder, config)))
-    batch_counts.add(len(batches))
-    for batch in batches:
-      assert batch["image"].shape == (3, 129, 129, 3)
+    batches = list(input_pipeline.eval_batches(builder, config))
+    covered = {}
+    for n, (batch, windows) in enumerate(batches):
+      assert batch["image"].shape == (3, 120, 120, 3) and len(windows) == 3
       if process_count == 1:
         _matches(batch, input_pipeline.eval_batch_spec(config))
-      examples += int(batch["mask"].sum())
+      assert set(batch["more"]) == {n < len(batches) - 1}
+      whole += int(batch["mask"].sum())
       total += np.asarray(metrics.confusion_matrix(batch["label"], batch["label"], 6,
                                                    mask=batch["mask"]))
-  assert len(batch_counts) == 1  # every process runs the same number of eval steps
-  assert examples == 12
+      for k, window in enumerate(windows):
+        if window is None:
+          continue
+        assert not batch["mask"][k] and max(window.label.shape) > 120
+        tile = np.s_[window.top:window.top + window.height, window.left:window.left + window.width]
+        np.testing.assert_array_equal(batch["label"][k, :window.height, :window.width],
+                                      window.label[tile])
+        assert (batch["label"][k, window.height:] == 255).all()  # the padding counts nothing
+        assert (batch["image"][k, :, window.width:] == input_pipeline.IMAGE_PAD_VALUE).all()
+        covered.setdefault(window.index, np.zeros(window.label.shape, int))[tile] += 1
+        if window.last:
+          assert covered[window.index].min() >= 1
+          windowed += 1
+          total += metrics.confusion_matrix_numpy(window.label, window.label, 6)
+    padding = [w is None and not m for batch, windows in batches
+               for w, m in zip(windows, batch["mask"])]
+    assert sum(padding) < 3  # filler only in the last batch
+  assert whole + windowed == 12 and whole > 0 and windowed > 0
   assert total.sum() == np.trace(total) == _count_real_pixels(builder, "val")
-
-
-def test_an_evaluation_image_larger_than_the_eval_crop_is_a_clear_error(tiny_data_dir):
-  config = tiny_config(tiny_data_dir)
-  config.eval.crop_size = (100, 100)  # the images are 112-128 px
-  builder = input_pipeline.load_builder(config)
-  with pytest.raises(DataError, match=r"^an evaluation image is larger than config.eval.crop_size="
-                                      r"\(100, 100\); raise it"):
-    list(input_pipeline.as_numpy(input_pipeline.eval_dataset(builder, config)))
 
 
 def test_voc_without_data_stops_with_how_to_prepare_it(tmp_path):
@@ -192,7 +204,9 @@ def test_two_processes_read_disjoint_shards_and_cover_every_example(tmp_path):
 
   import fake_data
   from deeplab_jax import datasets
-  fake_data.make_folder(tmp_path / "manual", {"train": 20, "val": 7}, num_classes=4)
+  # The first two val images (process 0's shard) are larger than the workers' second eval crop.
+  fake_data.make_folder(tmp_path / "manual", {"train": 20, "val": 7}, num_classes=4,
+                        sizes={20: (40, 30), 21: (36, 50)})
   datasets.prepare("folder_segmentation", str(tmp_path / "manual"), str(tmp_path / "tfds"),
                    num_classes=4)
   with socket.socket() as s:
@@ -219,9 +233,21 @@ def test_two_processes_read_disjoint_shards_and_cover_every_example(tmp_path):
     assert runs[0]["train_global"][s] == runs[1]["train_global"][s]
     assert sorted(runs[0]["train_global"][s]) == sorted(runs[0]["train_local"][s] +
                                                         runs[1]["train_local"][s])
-  assert len(runs[0]["eval_local"]) == len(runs[1]["eval_local"])  # same number of eval steps
   evaluated = [k for r in runs for batch in r["eval_local"] for k in batch]
   assert sorted(evaluated) == list(range(20, 27))
+  # Training's evaluation, its processes stepping together over unequal shards, counts what one
+  # process counts.
+  config = tiny_config(tmp_path / "tfds")
+  config.dataset.name, config.dataset.num_classes = "folder_segmentation", 4
+  config.eval.crop_size = (17, 17)
+  reference = initialized_evaluation(config)["confusion_matrix"]
+  assert runs[0]["evaluation"] == runs[1]["evaluation"]
+  got = np.asarray(runs[0]["evaluation"])
+  assert got.sum() == reference.sum() == sum(
+      int(np.sum(fake_data.label_pattern(k, [0, 1, 2, 3, 255], shape) != 255)) for k, shape in
+      [(20, (40, 30)), (21, (36, 50))] + [(k, (10, 14)) for k in range(22, 27)])
+  # 4 devices against 1: float32 rounding may flip a pixel whose two best logits (nearly) tie.
+  assert np.abs(got - reference).sum() <= 0.01 * reference.sum()
   # BatchNorm statistics and their gradient over both processes' rows equal one device's.
   from deeplab_jax.models.batch_norm import batch_norm_train
   bn = runs[0]["bn"]

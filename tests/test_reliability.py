@@ -294,7 +294,7 @@ def test_a_mask_value_outside_the_classes_names_the_example(tiny_data_dir):
   config.dataset.num_classes = 2
   builder = tfds.builder(config.dataset.name, data_dir=str(tiny_data_dir))
   with pytest.raises(DataError) as e:
-    list(input_pipeline.as_numpy(input_pipeline.eval_dataset(builder, config)))
+    list(input_pipeline.eval_batches(builder, config))
   assert re.fullmatch(
       r"example 'val_000\d\d' of synthetic_shapes/tiny/2\.0\.0 has mask value [2-5], neither a class id "
       r"below config\.dataset\.num_classes=2 nor config\.dataset\.ignore_label=255; fix its mask, or the "

@@ -33,7 +33,7 @@ def main():
                              process_id=process_id)
   from jax.experimental import multihost_utils
 
-  from conftest import tiny_config
+  from conftest import initialized_evaluation, tiny_config
   from deeplab_jax import input_pipeline, sharding
 
   config = tiny_config(data_dir)
@@ -55,9 +55,15 @@ def main():
     global_batch = sharding.to_global(local, batch_sh)
     gathered = multihost_utils.process_allgather(global_batch["image"], tiled=True)
     result["train_global"].append(image_numbers(np.asarray(gathered)))
-  for batch in input_pipeline.as_numpy(input_pipeline.eval_dataset(builder, config)):
+  for batch, windows in input_pipeline.eval_batches(builder, config):
     numbers = image_numbers(batch["image"][batch["mask"]]) if batch["mask"].any() else []
+    numbers += [image_numbers(w.image[None])[0] for w in windows if w is not None and w.last]
     result["eval_local"].append(numbers)
+  # Training's evaluation over both processes with a 17x17 eval crop: process 0's shard holds the two
+  # larger images (24 sliding windows), process 1's none, so their batch counts differ (13 and 2).
+  config.eval.crop_size = (17, 17)
+  evaluation = initialized_evaluation(config)
+  result["evaluation"] = np.asarray(evaluation["confusion_matrix"]).tolist()
   # Synchronized BatchNorm across processes: value and input gradient of a train-mode BN over the
   # step-0 global batch (the test recomputes both on one device).
   from deeplab_jax.models.batch_norm import batch_norm_train

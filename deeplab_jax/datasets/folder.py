@@ -78,8 +78,8 @@ class FolderSegmentation(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(root, ids, split) for split, ids in split_ids.items()}
 
   def _generate_examples(self, root: epath.Path, ids, split: str):
-    # Each split's largest (height, width), stored with the data: a config whose eval crop is
-    # smaller is refused before training (input_pipeline.check_eval_sizes), not at its first eval.
+    # Each split's largest (height, width), stored with the data: training says before its first
+    # step whether validation images will go through the sliding window (train._eval_line).
     largest = self.info.metadata["largest_image"].setdefault(split, [0, 0])
     for image_id in ids:
       candidates = [root / "images" / f"{image_id}{suffix}" for suffix in IMAGE_SUFFIXES]
