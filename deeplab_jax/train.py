@@ -185,7 +185,6 @@ class Evaluator:
     device_total = np.zeros((self.num_classes, self.num_classes), np.int64)
     host_total = np.zeros_like(device_total)  # this process's images assembled from windows
     running, images, averages = None, [], {}
-    wanted = int(self.config.eval.num_summary_images)
     several = jax.process_count() > 1
     batches = input_pipeline.eval_batches(self.builder, self.config)
     for i in itertools.count():
@@ -199,23 +198,7 @@ class Evaluator:
       if (i + 1) % self.flush_every == 0:
         device_total += np.asarray(running, np.int64)
         running = None
-      summarize = len(images) < wanted and bool(local["mask"].any())
-      if summarize or any(w is not None for w in windows):
-        rows = sharding.local_rows(logits)
-        for k, window in enumerate(windows):
-          if window is None:
-            if local["mask"][k] and len(images) < wanted:
-              images.append(self._summary(local["image"][k], local["label"][k], rows[k].argmax(-1)))
-            continue
-          average = averages.setdefault(window.index, sliding_window.Average(
-              *window.label.shape, self.num_classes))
-          average.add(window.top, window.left, rows[k, :window.height, :window.width])
-          if window.last:
-            prediction = averages.pop(window.index).result().argmax(-1)
-            host_total += metrics.confusion_matrix_numpy(window.label, prediction, self.num_classes,
-                                                         self.ignore_label)
-            if len(images) < wanted:
-              images.append(self._summary(window.image, window.label, prediction))
+      host_total += self._on_host(local, windows, logits, images, averages)
       # One process knows only its own batches; the step's flag says whether any has another.
       if not (bool(more) if several else local["more"].any()):
         break
@@ -226,6 +209,31 @@ class Evaluator:
       host_total = np.asarray(multihost_utils.process_allgather(host_total)).sum(0)
     total = device_total + host_total
     return metrics.metrics_from_confusion(total) | {"confusion_matrix": total}, images
+
+  def _on_host(self, local: dict, windows: list, logits, images: list, averages: dict) -> np.ndarray:
+    """One batch's host work: its windows' logits added to their images' averages, the confusion
+    matrix of the images whose last window this was, and summaries until there are enough. Logits
+    leave the devices only for a batch that holds windows or a wanted summary."""
+    cm = np.zeros((self.num_classes, self.num_classes), np.int64)
+    wanted = int(self.config.eval.num_summary_images)
+    if not (any(w is not None for w in windows) or (len(images) < wanted and local["mask"].any())):
+      return cm
+    rows = sharding.local_rows(logits)
+    for k, window in enumerate(windows):
+      if window is None:
+        if local["mask"][k] and len(images) < wanted:
+          images.append(self._summary(local["image"][k], local["label"][k], rows[k].argmax(-1)))
+        continue
+      average = averages.setdefault(window.index, sliding_window.Average(*window.label.shape,
+                                                                         self.num_classes))
+      average.add(window.top, window.left, rows[k, :window.height, :window.width])
+      if window.last:
+        prediction = averages.pop(window.index).result().argmax(-1)
+        cm += metrics.confusion_matrix_numpy(window.label, prediction, self.num_classes,
+                                             self.ignore_label)
+        if len(images) < wanted:
+          images.append(self._summary(window.image, window.label, prediction))
+    return cm
 
   def _summary(self, image, label, prediction) -> np.ndarray:
     """Input | ground truth | prediction, side by side, cut to the labelled image."""
