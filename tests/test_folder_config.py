@@ -5,6 +5,7 @@ config's 513 eval crop is evaluated through the sliding window."""
 import json
 
 import pytest
+from PIL import Image
 
 import fake_data
 from conftest import run_module
@@ -45,6 +46,8 @@ def test_the_folder_config_trains_and_evaluates_with_what_the_data_stores(folder
   assert (config["num_classes"], config["ignore_label"], config["train_split"], config["eval_split"]) == (
       3, 255, "train", "val")
   final = json.loads((workdir / "final_metrics.json").read_text())
+  with Image.open(workdir / "examples.png") as examples:  # the 520x530 photo's panel, shrunk to 513
+    assert examples.size[0] == 3 * 513
   assert list(final["per_class_iou"]) == ["sky", "road", "car"]
 
   evaluate = run_module(["deeplab_jax.evaluate", f"--workdir={workdir}"])
