@@ -195,15 +195,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"the data's own count)")
 
 
+def check_ignore_label(dataset) -> None:
+  """The ignore label lies above the class ids and fits uint8 labels (None: the data's, not yet read)."""
+  ignore, count = dataset.ignore_label, dataset.num_classes
+  if ignore is not None and (not 0 <= int(ignore) <= 255 or int(ignore) < int(count or 0)):
+    raise ConfigError(f"config.dataset.ignore_label={ignore} must be in [num_classes, 255] (labels are "
+                      f"uint8; num_classes={count}); DeepLab uses 255")
+
+
 def validate_training(config: ml_collections.ConfigDict) -> None:
   """`validate` plus the input, optimizer, loss, eval, checkpoint and mesh fields."""
   validate(config)
   # None: what the prepared data stores (input_pipeline.resolve_from_data fills them in).
   n_classes = None if config.dataset.num_classes is None else int(config.dataset.num_classes)
-  ignore = config.dataset.ignore_label
-  if ignore is not None and (not 0 <= int(ignore) <= 255 or int(ignore) < (n_classes or 0)):
-    raise ConfigError(f"config.dataset.ignore_label={config.dataset.ignore_label} must be in "
-                      f"[num_classes, 255] (labels are uint8); DeepLab uses 255")
+  check_ignore_label(config.dataset)
   _pair(config.input.crop_size, "config.input.crop_size")
   _pair(config.eval.crop_size, "config.eval.crop_size")
   i = config.input

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from deeplab_jax import config as config_lib
 from deeplab_jax import console, datasets, sliding_window
 from deeplab_jax.errors import ConfigError, DataError
 
@@ -75,9 +76,7 @@ def resolve_from_data(config, builder) -> None:
       raise ConfigError(f"config.dataset.eval_split is None (take the data's {'/'.join(EVAL_SPLITS)}) "
                         f"but {where} has {', '.join(splits)}; set --config.dataset.eval_split")
     d.eval_split = found[0]
-  if not int(d.num_classes) <= int(d.ignore_label) <= 255:
-    raise ConfigError(f"config.dataset.ignore_label={d.ignore_label} must be in [num_classes="
-                      f"{d.num_classes}, 255] (labels are uint8); DeepLab uses 255")
+  config_lib.check_ignore_label(d)  # the values filled in together
 
 
 def _build_generated(builder, name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -372,6 +371,13 @@ def runs_whole(shape, crop) -> bool:
   return shape[0] <= crop[0] and shape[1] <= crop[1]
 
 
+def eval_window_stride(config) -> tuple[int, int]:
+  """The step between sliding windows of `config.eval.crop_size` (configs written before
+  `window_overlap` existed: a third, the Predictor's default)."""
+  overlap = config.eval.get("window_overlap", sliding_window.DEFAULT_OVERLAP)
+  return sliding_window.stride(tuple(int(v) for v in config.eval.crop_size), float(overlap))
+
+
 def eval_batches(builder, config) -> Iterator[tuple[dict, list[Window | None]]]:
   """This process's evaluation batches, each a (local batch, per-row windows) pair.
 
@@ -384,53 +390,44 @@ def eval_batches(builder, config) -> Iterator[tuple[dict, list[Window | None]]]:
   """
   local_batch = _local_batch(config.eval.batch_size, "config.eval.batch_size")
   crop = tuple(int(v) for v in config.eval.crop_size)
-  step = sliding_window.stride(crop, float(config.eval.get("window_overlap",
-                                                           sliding_window.DEFAULT_OVERLAP)))
-  ignore = int(config.dataset.ignore_label)
+  step = eval_window_stride(config)
   examples = as_numpy(eval_examples(builder, config), builder, config.dataset.eval_split)
 
-  def rows():
+  def all_rows():  # (image or window, its label, Window or None for a whole image)
     for index, example in enumerate(examples):
       image, label = example["image"], example["label"]
       if runs_whole(label.shape, crop):
-        yield (*_pad(image, label, crop, ignore), True, None)
+        yield image, label, None
         continue
       tiles = sliding_window.tiles(*label.shape, crop, step)
       for k, (top, left, h, w) in enumerate(tiles):
-        window = Window(index, top, left, h, w, k == len(tiles) - 1, image, label)
-        yield (*_pad(image[top:top + h, left:left + w], label[top:top + h, left:left + w], crop,
-                     ignore), False, window)
+        yield (image[top:top + h, left:left + w], label[top:top + h, left:left + w],
+               Window(index, top, left, h, w, k == len(tiles) - 1, image, label))
 
-  stream = rows()
+  stream = all_rows()
   pending = next(stream, None)
   while pending is not None:
-    batch = [pending, *itertools.islice(stream, local_batch - 1)]
+    rows = [pending, *itertools.islice(stream, local_batch - 1)]
     pending = next(stream, None)
-    windows = [row[3] for row in batch] + [None] * (local_batch - len(batch))
-    filler = filler_batch(config, local_batch - len(batch))
-    yield {"image": np.concatenate([np.stack([r[0] for r in batch]), filler["image"]]),
-           "label": np.concatenate([np.stack([r[1] for r in batch]), filler["label"]]),
-           "mask": np.concatenate([np.array([r[2] for r in batch]), filler["mask"]]),
-           "more": np.full(local_batch, pending is not None)}, windows
+    # Filler everywhere, then each row written over its top-left corner: the rest stays padding
+    # (the mean pixel, ignored labels), the official evaluation's bottom/right padding.
+    batch = filler_batch(config)
+    for k, (image, label, window) in enumerate(rows):
+      batch["image"][k, :image.shape[0], :image.shape[1]] = image
+      batch["label"][k, :label.shape[0], :label.shape[1]] = label
+      batch["mask"][k] = window is None
+    batch["more"][:] = pending is not None
+    yield batch, [window for _, _, window in rows] + [None] * (local_batch - len(rows))
 
 
-def filler_batch(config, size: int | None = None) -> dict:
-  """`size` rows (default: the local eval batch) that count nothing: a process with no images left
-  steps with these while another process still has some."""
-  size = _local_batch(config.eval.batch_size, "config.eval.batch_size") if size is None else size
+def filler_batch(config) -> dict:
+  """A local eval batch of rows that count nothing: a process with no images left steps with it
+  while another process still has some (and `eval_batches` fills its batches into one)."""
+  size = _local_batch(config.eval.batch_size, "config.eval.batch_size")
   crop = tuple(int(v) for v in config.eval.crop_size)
   return {"image": np.full((size, *crop, 3), IMAGE_PAD_VALUE, np.float32),
           "label": np.full((size, *crop), int(config.dataset.ignore_label), np.uint8),
           "mask": np.zeros(size, bool), "more": np.zeros(size, bool)}
-
-
-def _pad(image, label, crop, ignore) -> tuple[np.ndarray, np.ndarray]:
-  """Bottom/right padding to the crop: the mean pixel (0 after normalization) and ignored labels."""
-  padded_image = np.full((*crop, 3), IMAGE_PAD_VALUE, np.float32)
-  padded_image[:image.shape[0], :image.shape[1]] = image
-  padded_label = np.full(crop, ignore, np.uint8)
-  padded_label[:label.shape[0], :label.shape[1]] = label
-  return padded_image, padded_label
 
 
 def eval_examples(builder, config) -> tf.data.Dataset:

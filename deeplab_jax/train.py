@@ -315,7 +315,7 @@ def _sliding_window_line(config, builder) -> str | None:
   crop = tuple(int(v) for v in config.eval.crop_size)
   if not largest or input_pipeline.runs_whole(largest, crop):
     return None
-  step = sliding_window.stride(crop, float(config.eval.window_overlap))
+  step = input_pipeline.eval_window_stride(config)
   return (f"evaluation: {split} images up to {largest[0]}x{largest[1]}; those larger than the "
           f"{crop[0]}x{crop[1]} eval crop go through a sliding window of that size, stride "
           f"{step[0]}x{step[1]}")

@@ -79,7 +79,7 @@ class FolderSegmentation(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, root: epath.Path, ids, split: str):
     # Each split's largest (height, width), stored with the data: training says before its first
-    # step whether validation images will go through the sliding window (train._eval_line).
+    # step whether validation images will go through the sliding window (train._sliding_window_line).
     largest = self.info.metadata["largest_image"].setdefault(split, [0, 0])
     for image_id in ids:
       candidates = [root / "images" / f"{image_id}{suffix}" for suffix in IMAGE_SUFFIXES]
